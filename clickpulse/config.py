@@ -1,0 +1,251 @@
+"""One Config, built from command-line flags over environment variables over defaults.
+
+Every setting has an environment variable (the old service's names) and a flag. A bad value
+raises ConfigError naming the variable; `python -m clickpulse` turns that into one line on
+stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, quote, unquote, urlsplit
+
+import msgspec
+
+
+class ConfigError(Exception):
+    """A setting has a value clickpulse cannot use. The message names the variable."""
+
+
+class ClickHouseTarget(msgspec.Struct, frozen=True):
+    """Where and as whom to insert. `repr` and `redacted` never show the password."""
+
+    url: str  # scheme://host:port/ — no credentials, no database
+    database: str
+    user: str | None = None
+    password: str | None = None
+
+    @property
+    def redacted(self) -> str:
+        user = f"{quote(self.user, safe='')}:***@" if self.user else ""
+        scheme, _, hostport = self.url.rstrip("/").partition("://")
+        return f"{scheme}://{user}{hostport}/{self.database}"
+
+    def __repr__(self) -> str:
+        return f"ClickHouseTarget({self.redacted!r})"
+
+    __str__ = __repr__
+
+
+class Config(msgspec.Struct, frozen=True, kw_only=True):
+    http_host: str = "0.0.0.0"
+    http_port: int = 8080
+    clickhouse: ClickHouseTarget
+    clickhouse_table: str = "events"
+    clickhouse_timeout: float = 30.0
+    batch_size: int = 10_000
+    flush_interval: float = 1.0
+    max_body_bytes: int = 1024 * 1024
+    max_batch_events: int = 10_000
+    max_buffer_events: int = 100_000
+    shutdown_timeout: float = 30.0
+    log_level: str = "INFO"
+    log_format: str = "text"
+
+
+DEFAULT_DSN = "http://localhost:8123/default"
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_DURATION_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMATS = ("text", "json")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from `500ms`, `5s`, `1m30s`, `2h` or plain seconds (`2.5`)."""
+    text = text.strip()
+    try:
+        return _non_negative(float(text))
+    except ValueError:
+        pass
+    position = 0
+    total = 0.0
+    for match in _DURATION_PART.finditer(text):
+        if match.start() != position:
+            break
+        total += float(match.group(1)) * _DURATION_UNIT_SECONDS[match.group(2)]
+        position = match.end()
+    if position == 0 or position != len(text):
+        raise ValueError(f"{text!r} is not a duration like 500ms, 5s, 1m30s or plain seconds")
+    return total
+
+
+def _non_negative(seconds: float) -> float:
+    if not seconds >= 0 or seconds == float("inf"):
+        raise ValueError(f"{seconds!r} is not a non-negative finite number of seconds")
+    return seconds
+
+
+def parse_dsn(dsn: str) -> ClickHouseTarget:
+    """`http(s)://user:password@host:port/database` or `http://host:8123?user=u&password=p&database=d`."""
+    try:
+        parts = urlsplit(dsn.strip())
+        port = parts.port
+    except ValueError as error:
+        raise ValueError(f"not a URL: {_without_password(str(error))}") from None
+    if parts.scheme not in ("http", "https"):
+        raise ValueError("must start with http:// or https://")
+    if not parts.hostname:
+        raise ValueError("has no host")
+    query = parse_qs(parts.query, keep_blank_values=True)
+    unknown = sorted(set(query) - {"user", "password", "database"})
+    if unknown:
+        raise ValueError(f"unknown query parameter {unknown[0]!r} (allowed: user, password, database)")
+
+    def last(name: str) -> str | None:
+        values = query.get(name)
+        return values[-1] if values else None
+
+    user = unquote(parts.username) if parts.username else last("user")
+    password = unquote(parts.password) if parts.password is not None else last("password")
+    path_database = unquote(parts.path.strip("/"))
+    database = path_database or last("database") or "default"
+    if "/" in database or not database:
+        raise ValueError(f"database name {database!r} is not valid")
+    host = parts.hostname
+    if ":" in host:  # IPv6 literal
+        host = f"[{host}]"
+    default_port = 8443 if parts.scheme == "https" else 8123
+    url = f"{parts.scheme}://{host}:{port or default_port}/"
+    return ClickHouseTarget(url=url, database=database, user=user or None, password=password or None)
+
+
+def _without_password(text: str) -> str:
+    text = re.sub(r"://([^:/@]*):[^@]*@", r"://\1:***@", text)
+    return re.sub(r"([?&]password=)[^&]*", r"\1***", text)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text.strip().replace("_", ""))
+    if value <= 0:
+        raise ValueError(f"{text!r} must be a positive integer")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text.strip())
+    if not 0 <= value <= 65535:
+        raise ValueError(f"{text!r} is not a TCP port (0-65535)")
+    return value
+
+
+def _positive_duration(text: str) -> float:
+    seconds = parse_duration(text)
+    if seconds <= 0:
+        raise ValueError(f"{text!r} must be longer than zero")
+    return seconds
+
+
+def _choice(choices: Sequence[str], normalise: Callable[[str], str]) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = normalise(text.strip())
+        if value not in choices:
+            raise ValueError(f"{text!r} is not one of {', '.join(choices)}")
+        return value
+
+    return parse
+
+
+def _table_name(text: str) -> str:
+    if not _IDENTIFIER.fullmatch(text):
+        raise ValueError(f"{text!r} is not a plain table name (letters, digits, underscore)")
+    return text
+
+
+def _text(text: str) -> str:
+    return text
+
+
+@dataclass(frozen=True)
+class Setting:
+    variable: str
+    field: str
+    parse: Callable[[str], Any]
+    help: str
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("HTTP_HOST", "http_host", _text, "address to listen on"),
+    Setting("HTTP_PORT", "http_port", _port, "port to listen on"),
+    Setting("CLICKHOUSE_DSN", "clickhouse", parse_dsn, "ClickHouse HTTP URL with user, password, database"),
+    Setting("CLICKHOUSE_TABLE", "clickhouse_table", _table_name, "table the events go to"),
+    Setting("CLICKHOUSE_TIMEOUT", "clickhouse_timeout", _positive_duration, "time limit of one ClickHouse request"),
+    Setting("BATCH_SIZE", "batch_size", _positive_int, "flush when this many events are buffered"),
+    Setting("FLUSH_INTERVAL", "flush_interval", _positive_duration, "flush when the oldest buffered event is this old"),
+    Setting("MAX_BODY_BYTES", "max_body_bytes", _positive_int, "largest request body (413 above)"),
+    Setting("MAX_BATCH_EVENTS", "max_batch_events", _positive_int, "most events in one request (413 above)"),
+    Setting("MAX_BUFFER_EVENTS", "max_buffer_events", _positive_int, "most events waiting for the Batcher (503 above)"),
+    Setting("SHUTDOWN_TIMEOUT", "shutdown_timeout", _positive_duration, "time to drain on SIGTERM"),
+    Setting("LOG_LEVEL", "log_level", _choice(LOG_LEVELS, str.upper), "DEBUG, INFO, WARNING, ERROR"),
+    Setting("LOG_FORMAT", "log_format", _choice(LOG_FORMATS, str.lower), "text or json"),
+)
+
+
+def _flag(setting: Setting) -> str:
+    return "--" + setting.variable.lower().replace("_", "-")
+
+
+class _OneLineArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str):  # type: ignore[override]
+        raise ConfigError(f"command line: {message}")
+
+
+def build_argument_parser() -> argparse.ArgumentParser:
+    parser = _OneLineArgumentParser(
+        prog="python -m clickpulse",
+        description="HTTP event collector that batches events into ClickHouse. "
+        "Every flag can also be set by the environment variable in its help.",
+    )
+    for setting in SETTINGS:
+        parser.add_argument(_flag(setting), dest=setting.field, metavar="VALUE", help=f"{setting.help} [{setting.variable}]")
+    return parser
+
+
+def load_config(argv: Sequence[str] = (), environ: Mapping[str, str] | None = None) -> Config:
+    """Flags win over environment variables, which win over defaults."""
+    environ = {} if environ is None else environ
+    flags = vars(build_argument_parser().parse_args(list(argv)))
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        from_flag = flags.get(setting.field)
+        raw = from_flag if from_flag is not None else environ.get(setting.variable)
+        if raw is None or (from_flag is None and raw == ""):
+            continue
+        try:
+            values[setting.field] = setting.parse(raw)
+        except ValueError as error:
+            shown = raw if setting.variable != "CLICKHOUSE_DSN" else _without_password(raw)
+            detail = str(error) if setting.variable == "CLICKHOUSE_DSN" else _strip_value_noise(str(error), raw)
+            where = f"{_flag(setting)} ({setting.variable})" if from_flag is not None else setting.variable
+            raise ConfigError(f"invalid {where}={shown!r}: {detail}") from None
+    values.setdefault("clickhouse", parse_dsn(DEFAULT_DSN))
+    config = Config(**values)
+    if config.max_batch_events > config.max_buffer_events:
+        raise ConfigError(
+            f"invalid MAX_BATCH_EVENTS={config.max_batch_events}: larger than "
+            f"MAX_BUFFER_EVENTS={config.max_buffer_events}, so a full request could never be accepted"
+        )
+    return config
+
+
+def _strip_value_noise(message: str, raw: str) -> str:
+    if message.startswith("invalid literal for int()"):
+        return "not a whole number"
+    if message.startswith("could not convert string to float"):
+        return "not a number"
+    return message

@@ -1,0 +1,155 @@
+"""The supervisor: builds the actors from one Config, starts them writer → batcher → receiver,
+stops them in reverse, and decides what an actor's unexpected death means (the process exits
+non-zero so the orchestrator restarts it, rather than answering 202 while nothing writes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from aioprometheus import Registry
+
+from clickpulse.batcher import Batcher
+from clickpulse.config import Config
+from clickpulse.metrics import PipelineMetrics
+from clickpulse.receiver import Receiver
+from clickpulse.writer import Writer
+
+log = logging.getLogger(__name__)
+
+# In-flight HTTP requests only wait for the Batcher's mailbox, so they finish quickly.
+HTTP_DRAIN_SECONDS = 5.0
+
+
+class Service:
+    def __init__(self, config: Config, registry: Registry | None = None) -> None:
+        self.config = config
+        self.metrics = PipelineMetrics(registry)
+        self.failed = asyncio.Event()
+        self.port: int | None = None
+        self._stopping = False
+        self._session: aiohttp.ClientSession | None = None
+        self._runner: web.AppRunner | None = None
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self.writer: Writer | None = None
+        self.batcher: Batcher | None = None
+        self.receiver: Receiver | None = None
+
+    async def start(self) -> None:
+        config = self.config
+        # Every ClickHouse request has its own time limit (CLICKHOUSE_TIMEOUT) in the Writer.
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
+        self.writer = Writer(
+            target=config.clickhouse,
+            table=config.clickhouse_table,
+            session=self._session,
+            timeout=config.clickhouse_timeout,
+            metrics=self.metrics.writer,
+        )
+        self._start_actor("writer", self.writer.run())
+        self.batcher = Batcher(
+            batch_size=config.batch_size,
+            flush_interval=config.flush_interval,
+            capacity_events=config.max_buffer_events,
+            hand_to_writer=self.writer.submit,
+            metrics=self.metrics.batcher,
+        )
+        self._start_actor("batcher", self.batcher.run())
+        self.receiver = Receiver(
+            max_body_bytes=config.max_body_bytes,
+            max_batch_events=config.max_batch_events,
+            submit=self.batcher.submit,
+            not_ready_reason=self.not_ready_reason,
+            metrics=self.metrics,
+        )
+        self._runner = web.AppRunner(
+            self.receiver.build_app(), access_log=None, handle_signals=False, shutdown_timeout=HTTP_DRAIN_SECONDS
+        )
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, config.http_host, config.http_port)
+        await site.start()
+        sockets = site._server.sockets if site._server else ()  # noqa: SLF001 - the bound port for HTTP_PORT=0
+        self.port = sockets[0].getsockname()[1] if sockets else config.http_port
+        log.info(
+            "clickpulse listening on http://%s:%d, writing to %s table %s",
+            config.http_host, self.port, config.clickhouse.redacted, config.clickhouse_table,
+        )
+
+    def not_ready_reason(self) -> str | None:
+        for name, task in self._tasks.items():
+            if task.done():
+                return f"{name} actor is not running"
+        assert self.writer is not None
+        return self.writer.not_ready_reason()
+
+    async def stop(self) -> int:
+        """Drains within SHUTDOWN_TIMEOUT; returns how many acknowledged events were not written."""
+        self._stopping = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.shutdown_timeout
+        assert self.receiver and self.batcher and self.writer and self._runner and self._session
+        self.receiver.stop_intake()
+        await self._runner.cleanup()  # stops listening, waits for in-flight requests
+        lost = 0
+        for name, stop in (("batcher", self.batcher.stop), ("writer", self.writer.stop)):
+            task = self._tasks[name]
+            try:
+                async with asyncio.timeout_at(deadline):
+                    if not task.done():
+                        await stop()
+                    await asyncio.shield(task)
+            except TimeoutError:
+                log.error("%s did not finish within SHUTDOWN_TIMEOUT=%ss", name, self.config.shutdown_timeout)
+            except Exception:  # noqa: BLE001 - already logged by the task's callback
+                pass
+        for task in self._tasks.values():
+            task.cancel()
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        lost = self.batcher.held_events + self.writer.abandon()
+        if lost:
+            log.error("shutdown: %d acknowledged events were NOT written to ClickHouse", lost)
+        else:
+            log.info("shutdown: every acknowledged event was written")
+        await self._session.close()
+        return lost
+
+    def _start_actor(self, name: str, coroutine: Any) -> None:
+        task = asyncio.create_task(coroutine, name=f"clickpulse-{name}")
+        task.add_done_callback(lambda finished: self._actor_ended(name, finished))
+        self._tasks[name] = task
+
+    def _actor_ended(self, name: str, task: asyncio.Task[None]) -> None:
+        if self._stopping:
+            return
+        if task.cancelled():
+            log.error("%s actor was cancelled unexpectedly", name)
+        elif task.exception() is not None:
+            log.error("%s actor crashed", name, exc_info=task.exception())
+        else:
+            log.error("%s actor returned unexpectedly", name)
+        self.failed.set()
+
+
+async def serve(config: Config) -> int:
+    """Runs until SIGTERM/SIGINT or an actor failure; returns the process exit status."""
+    service = Service(config)
+    await service.start()
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop_requested.set)
+    waiters = [asyncio.create_task(stop_requested.wait()), asyncio.create_task(service.failed.wait())]
+    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    for waiter in waiters:
+        waiter.cancel()
+    if stop_requested.is_set():
+        log.info("signal received: draining (SHUTDOWN_TIMEOUT=%ss)", config.shutdown_timeout)
+    lost = await service.stop()
+    if service.failed.is_set():
+        return 1
+    return 1 if lost else 0
