@@ -96,8 +96,10 @@ def parse_dsn(dsn: str) -> ClickHouseTarget:
     try:
         parts = urlsplit(dsn.strip())
         port = parts.port
-    except ValueError as error:
-        raise ValueError(f"not a URL: {_without_password(str(error))}") from None
+    except ValueError:
+        # urlsplit's message quotes the bad port or netloc, which is part of the password when
+        # the password holds an unencoded `/`, `?`, `#` or `@`: never echo it.
+        raise ValueError("not a URL: malformed host or port (URL-encode special characters in the password)") from None
     if parts.scheme not in ("http", "https"):
         raise ValueError("must start with http:// or https://")
     if not parts.hostname:
@@ -126,7 +128,7 @@ def parse_dsn(dsn: str) -> ClickHouseTarget:
 
 
 def _without_password(text: str) -> str:
-    text = re.sub(r"://([^:/@]*):[^@]*@", r"://\1:***@", text)
+    text = re.sub(r"://([^:/@]*):.*@", r"://\1:***@", text)  # to the last `@`: passwords may hold one
     return re.sub(r"([?&]password=)[^&]*", r"\1***", text)
 
 
@@ -202,7 +204,7 @@ def _flag(setting: Setting) -> str:
 
 class _OneLineArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):  # type: ignore[override]
-        raise ConfigError(f"command line: {message}")
+        raise ConfigError(f"command line: {_without_password(message)}")
 
 
 def build_argument_parser() -> argparse.ArgumentParser:

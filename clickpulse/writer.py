@@ -10,6 +10,7 @@ batch that ClickHouse rejects as data is dropped, counted and logged.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import re
@@ -70,7 +71,9 @@ def classify_error(error: BaseException) -> InsertFailure:
 
 def backoff_seconds(attempt: int, draw: Callable[[float, float], float] = random.uniform) -> float:
     """Full jitter: anywhere between 0 and the exponential ceiling."""
-    return draw(0.0, min(BACKOFF_CAP_SECONDS, BACKOFF_BASE_SECONDS * 2**attempt))
+    # The exponent is clamped: retries go on for as long as the process runs, and 0.1 * 2**1024
+    # no longer fits in a float (OverflowError would kill the Writer after ~45 minutes of outage).
+    return draw(0.0, min(BACKOFF_CAP_SECONDS, BACKOFF_BASE_SECONDS * 2 ** min(attempt, 32)))
 
 
 class _Stop:
@@ -108,6 +111,7 @@ class Writer:
         self._last_ok_at: float | None = None
         self._last_error = "not connected yet"
         self._pending_events = 0
+        self._stop_requested = asyncio.Event()
         metrics.up.set({}, 0)
         metrics.pending_events.set({}, 0)
 
@@ -120,6 +124,7 @@ class Writer:
 
     async def stop(self) -> None:
         """Asks `run()` to write every batch already submitted and return."""
+        self._stop_requested.set()
         await self._mailbox.put(_STOP)
 
     # -- queries other actors may ask ---------------------------------------------------------
@@ -164,8 +169,11 @@ class Writer:
         return lost
 
     async def _connect(self) -> None:
+        """Retries until the schema exists, or until a stop finds nothing left to write."""
         attempt = 0
         while not self._schema_ready:
+            if self._stop_requested.is_set() and self._pending_events == 0:
+                return
             try:
                 await self._ensure_schema()
             except Exception as error:  # noqa: BLE001 - every failure here is retried
@@ -173,7 +181,15 @@ class Writer:
                 delay = backoff_seconds(attempt)
                 log.warning("ClickHouse at %s not ready (%s); retrying in %.1fs", self._target.redacted, failure.detail, delay)
                 attempt += 1
-                await asyncio.sleep(delay)
+                await self._sleep_unless_stopped(delay)
+
+    async def _sleep_unless_stopped(self, delay: float) -> None:
+        """A backoff pause that a stop request cuts short (once: after that, pauses are whole)."""
+        if self._stop_requested.is_set():
+            await asyncio.sleep(delay)
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop_requested.wait(), delay)
 
     async def _ensure_schema(self) -> None:
         async with asyncio.timeout(self._timeout):

@@ -1,0 +1,170 @@
+"""`python -m clickpulse` as users run it: a real subprocess, real signals, real ClickHouse."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import quote
+
+import aiohttp
+import msgspec
+import pytest
+
+from tests.integration.conftest import count_rows, eventually, wait_for_rows, make_event, metric_samples
+from tests.servers import APP_PASSWORD, APP_USER, ClickHouseServer, free_port
+
+pytestmark = pytest.mark.integration
+
+
+class ServiceProcess:
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "clickpulse"],
+            env={**env, "HTTP_HOST": "127.0.0.1", "HTTP_PORT": str(self.port)},
+            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+
+    @property
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    async def status(self, http: aiohttp.ClientSession, path: str) -> int | None:
+        try:
+            async with http.get(self.url + path) as response:
+                return response.status
+        except aiohttp.ClientConnectionError:
+            return None
+
+    async def is_ready(self, http: aiohttp.ClientSession) -> bool:
+        return await self.status(http, "/readyz") == 200
+
+    async def wait_exit(self, timeout: float) -> int:
+        return await asyncio.to_thread(self.process.wait, timeout)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self._log.close()
+
+
+@pytest.fixture
+def start_service(python_env: dict[str, str], tmp_path: Path):
+    started: list[ServiceProcess] = []
+
+    def start(**settings: str) -> ServiceProcess:
+        service = ServiceProcess({**python_env, **settings}, tmp_path / f"clickpulse-{len(started)}.log")
+        started.append(service)
+        return service
+
+    yield start
+    for service in started:
+        service.kill()
+
+
+async def test_sigterm_flushes_every_buffered_event_and_exits_zero(
+    clickhouse_server: ClickHouseServer, clickhouse_database: str, start_service
+) -> None:
+    service = start_service(
+        CLICKHOUSE_DSN=clickhouse_server.dsn(clickhouse_database), BATCH_SIZE="100000", FLUSH_INTERVAL="1h",
+    )
+    async with aiohttp.ClientSession() as http:
+        await eventually(lambda: service.is_ready(http), timeout=20)
+        for start in range(0, 300, 100):
+            async with http.post(service.url + "/events", json=[make_event(i) for i in range(start, start + 100)]) as response:
+                assert response.status == 202
+        async with http.get(service.url + "/metrics") as response:
+            assert metric_samples(await response.text())["buffer_events"] == 300
+    assert await count_rows(clickhouse_server, clickhouse_database) == 0
+    service.process.send_signal(signal.SIGTERM)
+    assert await service.wait_exit(30) == 0, service.log
+    assert await count_rows(clickhouse_server, clickhouse_database) == 300
+    assert "every acknowledged event was written" in service.log
+
+
+async def test_sigterm_while_clickhouse_is_gone_reports_the_unwritten_events(
+    clickhouse_server: ClickHouseServer, clickhouse_database: str, start_service
+) -> None:
+    dead_port = free_port()
+    service = start_service(
+        CLICKHOUSE_DSN=f"http://127.0.0.1:{dead_port}/{clickhouse_database}", FLUSH_INTERVAL="1h", SHUTDOWN_TIMEOUT="2s",
+    )
+    async with aiohttp.ClientSession() as http:
+        await eventually(lambda: service.status(http, "/healthz"), timeout=20)
+        assert await service.status(http, "/readyz") == 503
+        async with http.post(service.url + "/events", json=[make_event(i) for i in range(7)]) as response:
+            assert response.status == 202
+    service.process.send_signal(signal.SIGTERM)
+    assert await service.wait_exit(15) == 1
+    assert "7 acknowledged events were NOT written" in service.log
+
+
+@pytest.mark.parametrize("form", ["userinfo", "query"])
+async def test_both_dsn_forms_authenticate_and_never_log_the_password(
+    clickhouse_server: ClickHouseServer, clickhouse_database: str, start_service, form: str
+) -> None:
+    port = clickhouse_server.http_port
+    if form == "userinfo":
+        dsn = f"http://{APP_USER}:{quote(APP_PASSWORD, safe='')}@127.0.0.1:{port}/{clickhouse_database}"
+    else:
+        dsn = f"http://127.0.0.1:{port}?user={APP_USER}&password={quote(APP_PASSWORD, safe='')}&database={clickhouse_database}"
+    service = start_service(CLICKHOUSE_DSN=dsn, FLUSH_INTERVAL="100ms", LOG_LEVEL="DEBUG")
+    async with aiohttp.ClientSession() as http:
+        await eventually(lambda: service.is_ready(http), timeout=20)
+        async with http.post(service.url + "/events", json=make_event(1)) as response:
+            assert response.status == 202
+        assert await wait_for_rows(clickhouse_server, clickhouse_database, 1) == 1
+    service.process.send_signal(signal.SIGTERM)
+    assert await service.wait_exit(30) == 0
+    assert APP_PASSWORD not in service.log
+    assert quote(APP_PASSWORD, safe="") not in service.log
+    assert f"{APP_USER}:***@" in service.log
+
+
+async def test_a_wrong_password_keeps_the_service_unready_and_out_of_the_logs(
+    clickhouse_server: ClickHouseServer, clickhouse_database: str, start_service
+) -> None:
+    wrong = "not-the-password-4711"
+    service = start_service(
+        CLICKHOUSE_DSN=f"http://{APP_USER}:{wrong}@127.0.0.1:{clickhouse_server.http_port}/{clickhouse_database}",
+        LOG_FORMAT="json",
+    )
+    async with aiohttp.ClientSession() as http:
+        await eventually(lambda: service.status(http, "/healthz"), timeout=20)
+        await asyncio.sleep(0.5)
+        async with http.get(service.url + "/readyz") as response:
+            assert response.status == 503
+            reason = (await response.json())["reason"]
+    assert "clickhouse" in reason
+    service.process.send_signal(signal.SIGTERM)
+    assert await service.wait_exit(30) == 0
+    assert wrong not in service.log and wrong not in reason
+    lines = [line for line in service.log.splitlines() if line.strip()]
+    records = [msgspec.json.decode(line) for line in lines]  # LOG_FORMAT=json: every line is JSON
+    assert any(record["level"] == "warning" and "not ready" in record["message"] for record in records)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("HTTP_PORT", "eighty"), ("FLUSH_INTERVAL", "soon"), ("BATCH_SIZE", "-1"), ("CLICKHOUSE_DSN", "ftp://u:hunter2@h/db"),
+     ("LOG_FORMAT", "xml"), ("MAX_BODY_BYTES", "1e3")],
+)
+def test_a_bad_setting_exits_2_with_one_line_naming_it(python_env: dict[str, str], variable: str, value: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "clickpulse"], env={**python_env, variable: value},
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert variable in lines[0]
+    assert "Traceback" not in result.stderr
+    assert "hunter2" not in result.stderr

@@ -1,0 +1,179 @@
+"""Real servers for tests and benchmarks: a ClickHouse server started from its binary on free
+ports with its own temp config and data directory, and a small TCP proxy the test controls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+# A user with a password full of URL-special characters, to prove DSN decoding.
+APP_USER = "app"
+APP_PASSWORD = "p@ss:w/rd?#1"
+
+_CONFIG = """<?xml version="1.0"?>
+<yandex>
+  <logger><level>warning</level><log>{dir}/server.log</log><errorlog>{dir}/server.err.log</errorlog></logger>
+  <http_port>{http_port}</http_port>
+  <tcp_port>{tcp_port}</tcp_port>
+  <listen_host>127.0.0.1</listen_host>
+  <path>{dir}/data/</path>
+  <tmp_path>{dir}/tmp/</tmp_path>
+  <user_files_path>{dir}/user_files/</user_files_path>
+  <format_schema_path>{dir}/format_schemas/</format_schema_path>
+  <mark_cache_size>268435456</mark_cache_size>
+  <users_config>{dir}/users.xml</users_config>
+  <default_profile>default</default_profile>
+  <default_database>default</default_database>
+  <timezone>UTC</timezone>
+</yandex>
+"""
+
+_USERS = """<?xml version="1.0"?>
+<yandex>
+  <profiles><default></default></profiles>
+  <users>
+    <default><password></password><networks><ip>127.0.0.1</ip></networks><profile>default</profile><quota>default</quota></default>
+    <{user}><password>{password}</password><networks><ip>127.0.0.1</ip></networks><profile>default</profile><quota>default</quota></{user}>
+  </users>
+  <quotas><default></default></quotas>
+</yandex>
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def find_clickhouse_server() -> list[str] | None:
+    """The command that starts a ClickHouse server, or None if none is installed."""
+    explicit = os.environ.get("CLICKHOUSE_SERVER_BIN")
+    if explicit:
+        return [explicit]
+    for candidate in ("/usr/sbin/clickhouse-server", shutil.which("clickhouse-server")):
+        if candidate and os.access(candidate, os.X_OK):
+            return [candidate]
+    combined = shutil.which("clickhouse")
+    return [combined, "server"] if combined else None
+
+
+@dataclass
+class ClickHouseServer:
+    http_port: int
+    directory: Path
+    process: subprocess.Popen
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}/"
+
+    def dsn(self, database: str) -> str:
+        return f"http://127.0.0.1:{self.http_port}/{database}"
+
+    def query(self, sql: str, body: bytes | None = None, **settings: str) -> str:
+        """Runs one statement as the default user; returns the response text. Blocking."""
+        params = urllib.parse.urlencode({"query": sql, **settings}) if body is not None else urllib.parse.urlencode(settings)
+        request = urllib.request.Request(self.url + ("?" + params if params else ""), data=body if body is not None else sql.encode())
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.read().decode()
+        except urllib.error.HTTPError as error:
+            raise RuntimeError(f"ClickHouse error for {sql!r}: {error.read().decode()}") from None
+
+    async def aquery(self, sql: str) -> str:
+        """`query` off the event loop, so a service under test in the same loop keeps running."""
+        return await asyncio.to_thread(self.query, sql)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_clickhouse(directory: Path, command: list[str], startup_timeout: float = 60.0) -> ClickHouseServer:
+    directory.mkdir(parents=True, exist_ok=True)
+    http_port, tcp_port = free_port(), free_port()
+    (directory / "users.xml").write_text(_USERS.format(user=APP_USER, password=APP_PASSWORD.replace("&", "&amp;")))
+    (directory / "config.xml").write_text(_CONFIG.format(dir=directory, http_port=http_port, tcp_port=tcp_port))
+    output = open(directory / "stdout.log", "wb")
+    process = subprocess.Popen(
+        [*command, f"--config-file={directory / 'config.xml'}"],
+        stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=directory,
+    )
+    server = ClickHouseServer(http_port=http_port, directory=directory, process=process)
+    deadline = time.monotonic() + startup_timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            break
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/ping", timeout=1) as response:
+                if response.read().strip() == b"Ok.":
+                    return server
+        except OSError:
+            time.sleep(0.1)
+    server.stop()
+    log_tail = ""
+    for name in ("server.err.log", "stdout.log"):
+        path = directory / name
+        if path.exists():
+            log_tail += path.read_text(errors="replace")[-2000:]
+    raise RuntimeError(f"ClickHouse did not start on port {http_port}: {log_tail}")
+
+
+class TcpProxy:
+    """Forwards 127.0.0.1:port to a target port; `cut()` closes every connection and stops
+    listening, `restore()` listens again on the same port. Tests use it to make ClickHouse vanish."""
+
+    def __init__(self, target_port: int, port: int | None = None) -> None:
+        self.target_port = target_port
+        self.port = port or free_port()
+        self._server: asyncio.AbstractServer | None = None
+        self._connections: set[asyncio.StreamWriter] = set()
+
+    async def restore(self) -> None:
+        if self._server is None:
+            self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port, reuse_address=True)
+
+    async def cut(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for writer in list(self._connections):
+            writer.transport.abort()
+        self._connections.clear()
+
+    async def _handle(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        try:
+            upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            client_writer.transport.abort()
+            return
+        self._connections.update((client_writer, upstream_writer))
+        await asyncio.gather(
+            self._pipe(client_reader, upstream_writer), self._pipe(upstream_reader, client_writer), return_exceptions=True
+        )
+        self._connections.difference_update((client_writer, upstream_writer))
+
+    @staticmethod
+    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while chunk := await reader.read(65536):
+                writer.write(chunk)
+                await writer.drain()
+        finally:
+            writer.close()

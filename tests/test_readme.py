@@ -1,0 +1,51 @@
+"""The README's tables are the product's reference: they must say what the code does."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import msgspec
+
+from clickpulse.config import DEFAULT_DSN, SETTINGS, Config
+from clickpulse.metrics import PipelineMetrics
+
+README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+
+
+def table_rows(heading: str) -> list[list[str]]:
+    section = README.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in section.splitlines():
+        if line.startswith("|") and not line.startswith("|---"):
+            rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows[1:]  # without the header
+
+
+def test_metrics_table_lists_exactly_the_registered_metrics_with_their_types() -> None:
+    documented = {row[0].strip("`"): row[1] for row in table_rows("Metrics")}
+    registered = {collector.name: collector.kind.name for collector in PipelineMetrics().registry.get_all()}
+    assert documented == registered
+
+
+def test_configuration_table_lists_every_setting_with_its_real_default() -> None:
+    documented = {row[0].strip("`"): row[1].strip("`") for row in table_rows("Configuration")}
+    assert set(documented) == {setting.variable for setting in SETTINGS}
+    defaults = msgspec.structs.asdict(Config(clickhouse=None))  # type: ignore[arg-type]
+    for setting in SETTINGS:
+        shown = documented[setting.variable]
+        if setting.variable == "CLICKHOUSE_DSN":
+            assert shown == DEFAULT_DSN
+            continue
+        default = defaults[setting.field]
+        parsed = setting.parse(shown)
+        assert parsed == default, f"{setting.variable}: README says {shown!r}, code defaults to {default!r}"
+
+
+def test_the_first_screen_has_the_start_and_test_commands_that_ci_runs() -> None:
+    first_block = re.search(r"```sh\n(.*?)```", README, re.S).group(1)
+    commands = [line for line in first_block.splitlines() if line and not line.startswith("#")]
+    assert commands[0].endswith("python3 -m clickpulse")
+    test_command = commands[1].split("&&")[-1].strip()
+    ci_script = (Path(__file__).resolve().parent.parent / ".ci" / "run").read_text()
+    assert test_command in ci_script.splitlines()
