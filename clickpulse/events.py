@@ -116,8 +116,10 @@ class EventDecoder:
 
     def decode_json(self, body: bytes) -> tuple[list[Event], bool]:
         """A JSON object or array. Returns the events and whether the body was an array."""
-        stripped = body.lstrip()
-        if stripped[:1] == b"[":
+        first = body[:1]
+        if first.isspace():
+            first = body.lstrip()[:1]
+        if first == b"[":
             return self._many.decode(body), True
         return [self._one.decode(body)], False
 

@@ -73,8 +73,7 @@ class Service:
         await self._runner.setup()
         site = web.TCPSite(self._runner, config.http_host, config.http_port)
         await site.start()
-        sockets = site._server.sockets if site._server else ()  # noqa: SLF001 - the bound port for HTTP_PORT=0
-        self.port = sockets[0].getsockname()[1] if sockets else config.http_port
+        self.port = self._runner.addresses[0][1]  # the real port when HTTP_PORT=0
         log.info(
             "clickpulse listening on http://%s:%d, writing to %s table %s",
             config.http_host, self.port, config.clickhouse.redacted, config.clickhouse_table,
