@@ -1,44 +1,27 @@
 """The Batcher actor: the one owner of buffered events.
 
-Receivers put each request's events in its mailbox as one message. Its `run()` task moves them
-into the buffer and hands whole batches to the Writer when the buffer reaches BATCH_SIZE, when
-the oldest buffered event has waited FLUSH_INTERVAL, and on shutdown. Handing a batch over waits
-while the Writer's mailbox is full, so a slow ClickHouse stops this task from draining its own
-mailbox, which then fills and makes the receiver answer 503: backpressure instead of memory.
+Each request's events arrive in its mailbox as one Delivery (from the Receiver, or from the
+Spool in log order). Its `run()` task moves them into the buffer and hands whole batches to the
+Writer when the next delivery would not fit in BATCH_SIZE, when the oldest buffered event has
+waited FLUSH_INTERVAL, and on shutdown. A batch holds whole requests, never part of one, so that
+a replayed batch can be rebuilt exactly from the spool.
+
+Handing a batch over waits while the Writer's mailbox is full, so a slow ClickHouse stops this
+task from draining its mailbox. What bounds the mailbox is MAX_BUFFER_EVENTS (MemoryLimit): a
+delivery is put in only after its events were reserved there, and they are released only when
+ClickHouse confirmed them. That wait is the backpressure that reaches the Receiver as 503.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import itertools
-import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
-from clickpulse.events import Event
+from clickpulse.messages import Batch, Delivery
 from clickpulse.metrics import BatcherMetrics
 
-log = logging.getLogger(__name__)
-
 FLUSH_TRIGGERS = ("size", "interval", "shutdown")
-
-
-@dataclass(frozen=True, slots=True)
-class Delivery:
-    """One request's events, as a message in the Batcher's mailbox."""
-
-    events: list[Event]
-    received_at: float  # event-loop clock
-
-
-@dataclass(frozen=True, slots=True)
-class Batch:
-    """Events flushed together; one INSERT."""
-
-    events: list[Event]
-    trigger: str
-    oldest_received_at: float
 
 
 class _Stop:
@@ -49,54 +32,28 @@ _STOP = _Stop()
 
 
 class EventMailbox:
-    """A mailbox bounded by the number of events it holds, not by the number of messages.
+    """The Batcher's mailbox: Deliveries in arrival order, with a count of their events."""
 
-    A 10,000-event request and a 1-event request are one message each; counting events keeps
-    memory bounded whatever the mix.
-    """
-
-    def __init__(self, capacity_events: int, on_change: Callable[[int], None]) -> None:
-        self.capacity_events = capacity_events
+    def __init__(self, on_change: Callable[[int], None]) -> None:
         self._messages: collections.deque[Delivery | _Stop] = collections.deque()
         self._events = 0
         self._on_change = on_change
         self._arrival: asyncio.Future[None] | None = None
-        self._room = asyncio.Event()
 
     @property
     def events(self) -> int:
         return self._events
 
-    def try_put(self, delivery: Delivery) -> bool:
-        count = len(delivery.events)
-        if self._events + count > self.capacity_events:
-            return False
-        self._append(delivery, count)
-        return True
+    @property
+    def oldest_received_at(self) -> float | None:
+        """When the oldest waiting delivery was received (event-loop clock); None when there is none."""
+        return next((message.received_at for message in self._messages if isinstance(message, Delivery)), None)
 
-    async def put(self, delivery: Delivery, timeout: float) -> bool:
-        """Waits up to `timeout` seconds for room; False when there was none."""
-        if self.try_put(delivery):
-            return True
-        if len(delivery.events) > self.capacity_events:
-            return False
-        try:
-            async with asyncio.timeout(timeout):
-                while True:
-                    self._room.clear()
-                    await self._room.wait()
-                    if self.try_put(delivery):
-                        return True
-        except TimeoutError:
-            return False
-
-    def put_stop(self) -> None:
-        self._append(_STOP, 0)
-
-    def _append(self, message: Delivery | _Stop, count: int) -> None:
+    def put(self, message: Delivery | _Stop) -> None:
         self._messages.append(message)
-        self._events += count
-        self._on_change(self._events)
+        if isinstance(message, Delivery):
+            self._events += message.count
+            self._on_change(self._events)
         if self._arrival is not None and not self._arrival.done():
             self._arrival.set_result(None)
 
@@ -116,9 +73,8 @@ class EventMailbox:
                 return None
         message = self._messages.popleft()
         if isinstance(message, Delivery):
-            self._events -= len(message.events)
+            self._events -= message.count
             self._on_change(self._events)
-            self._room.set()
         return message
 
     @staticmethod
@@ -128,14 +84,13 @@ class EventMailbox:
 
 
 class Batcher:
-    """Owns the buffer. Talk to it only through `submit()` and `stop()`."""
+    """Owns the buffer. Talk to it only through `put()` and `stop()`."""
 
     def __init__(
         self,
         *,
         batch_size: int,
         flush_interval: float,
-        capacity_events: int,
         hand_to_writer: Callable[[Batch], Awaitable[None]],
         metrics: BatcherMetrics,
     ) -> None:
@@ -143,16 +98,18 @@ class Batcher:
         self._flush_interval = flush_interval
         self._hand_to_writer = hand_to_writer
         self._metrics = metrics
-        self._buffer: collections.deque[Delivery] = collections.deque()
+        self._buffer: list[Delivery] = []
         self._buffered_events = 0
         self._mailbox_events = 0
-        self._mailbox = EventMailbox(capacity_events, self._mailbox_changed)
-        metrics.buffer_capacity_events.set({}, capacity_events)
+        self._mailbox = EventMailbox(self._mailbox_changed)
         metrics.buffer_events.set({}, 0)
+        metrics.measure_oldest_event_age_with(self.oldest_event_age)
+        for trigger in FLUSH_TRIGGERS:  # a series from the start: "no flush yet" must read as 0, not as no data
+            metrics.batch_flushes.add({"trigger": trigger}, 0)
 
-    async def submit(self, events: list[Event], received_at: float, wait: float) -> bool:
-        """Puts one request's events in the mailbox; False if it stayed full for `wait` seconds."""
-        return await self._mailbox.put(Delivery(events, received_at), wait)
+    def put(self, delivery: Delivery) -> None:
+        """Takes one request's events. The caller reserved them in the MemoryLimit first."""
+        self._mailbox.put(delivery)
 
     @property
     def held_events(self) -> int:
@@ -161,59 +118,55 @@ class Batcher:
 
     async def stop(self) -> None:
         """Asks `run()` to flush everything it holds and return. Call after intake has stopped."""
-        self._mailbox.put_stop()
+        self._mailbox.put(_STOP)
 
     async def run(self) -> None:
         deadline: float | None = None
         while True:
             message = await self._mailbox.get(deadline)
             if message is None:
-                await self._flush_all("interval")
+                await self._flush("interval")
                 deadline = None
                 continue
             if isinstance(message, _Stop):
-                await self._flush_all("shutdown")
+                if self._buffer:
+                    await self._flush("shutdown")
                 return
+            if self._buffer and self._buffered_events + message.count > self._batch_size:
+                await self._flush("size")
+                deadline = None
             if not self._buffer:
                 deadline = message.received_at + self._flush_interval
             self._buffer.append(message)
-            self._buffered_events += len(message.events)
-            while self._buffered_events >= self._batch_size:
-                await self._flush_one_batch("size")
-                deadline = self._buffer[0].received_at + self._flush_interval if self._buffer else None
-            self._update_gauge()
+            self._buffered_events += message.count
+            if self._buffered_events >= self._batch_size:
+                await self._flush("size")
+                deadline = None
+            self._update_gauges()
 
-    async def _flush_all(self, trigger: str) -> None:
-        while self._buffer:
-            await self._flush_one_batch(trigger)
-
-    async def _flush_one_batch(self, trigger: str) -> None:
-        """Takes up to BATCH_SIZE events, oldest first, and hands them to the Writer."""
-        taken: list[list[Event]] = []
-        count = 0
-        oldest_received_at = self._buffer[0].received_at
-        while self._buffer and count < self._batch_size:
-            delivery = self._buffer[0]
-            room = self._batch_size - count
-            if len(delivery.events) <= room:
-                self._buffer.popleft()
-                taken.append(delivery.events)
-                count += len(delivery.events)
-            else:
-                taken.append(delivery.events[:room])
-                self._buffer[0] = Delivery(delivery.events[room:], delivery.received_at)
-                count += room
-        events = taken[0] if len(taken) == 1 else list(itertools.chain.from_iterable(taken))
-        self._buffered_events -= count
-        self._update_gauge()
+    async def _flush(self, trigger: str) -> None:
+        batch = Batch(self._buffer, trigger, self._buffered_events)
+        self._buffer = []
+        self._buffered_events = 0
+        self._update_gauges()
         self._metrics.batch_flushes.inc({"trigger": trigger})
-        self._metrics.batch_size.set({}, count)
-        self._metrics.batch_rows.observe({}, count)
-        await self._hand_to_writer(Batch(events, trigger, oldest_received_at))
+        self._metrics.batch_size.set({}, batch.count)
+        self._metrics.batch_rows.observe({}, batch.count)
+        await self._hand_to_writer(batch)
 
     def _mailbox_changed(self, mailbox_events: int) -> None:
         self._mailbox_events = mailbox_events
-        self._update_gauge()
+        self._update_gauges()
 
-    def _update_gauge(self) -> None:
+    def _update_gauges(self) -> None:
         self._metrics.buffer_events.set({}, self.held_events)
+        self._metrics.mailbox_events.set({}, self._mailbox_events)
+        self._metrics.buffered_events.set({}, self._buffered_events)
+
+    def oldest_event_age(self) -> float:
+        """Seconds the oldest held event has waited: the buffer's head, else the mailbox's (while the
+        Writer is busy the buffer may be empty and the mailbox is where events wait); 0 when none."""
+        received_at = self._buffer[0].received_at if self._buffer else self._mailbox.oldest_received_at
+        if received_at is None:
+            return 0.0
+        return max(0.0, asyncio.get_running_loop().time() - received_at)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from pathlib import Path
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -46,12 +47,18 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     http_port: int = 8080
     clickhouse: ClickHouseTarget
     clickhouse_table: str = "events"
+    clickhouse_create_table: bool = True
     clickhouse_timeout: float = 30.0
     batch_size: int = 10_000
     flush_interval: float = 1.0
     max_body_bytes: int = 1024 * 1024
     max_batch_events: int = 10_000
     max_buffer_events: int = 100_000
+    spool_dir: Path | None = None
+    spool_max_bytes: int = 1 << 30
+    ack_mode: str = "memory"
+    ack_timeout: float = 30.0
+    clickhouse_down_grace: float = 15.0
     shutdown_timeout: float = 30.0
     log_level: str = "INFO"
     log_format: str = "text"
@@ -173,6 +180,41 @@ def _text(text: str) -> str:
     return text
 
 
+_SIZE_UNITS = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
+               "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from `1073741824`, `512MiB`, `1GiB`, `10GB`."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _SIZE_UNITS:
+        raise ValueError(f"{text!r} is not a size like 1073741824, 512MiB or 1GiB")
+    size = int(float(match.group(1)) * _SIZE_UNITS[unit])
+    if size <= 0:
+        raise ValueError(f"{text!r} must be larger than zero")
+    return size
+
+
+def _directory(text: str) -> Path:
+    if not text.strip():
+        raise ValueError("is empty")
+    return Path(text)
+
+
+_TRUE_WORDS = ("true", "1", "yes", "on")
+_FALSE_WORDS = ("false", "0", "no", "off")
+
+
+def _boolean(text: str) -> bool:
+    word = text.strip().lower()
+    if word in _TRUE_WORDS:
+        return True
+    if word in _FALSE_WORDS:
+        return False
+    raise ValueError(f"{text!r} is not true or false")
+
+
 @dataclass(frozen=True)
 class Setting:
     variable: str
@@ -186,6 +228,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("HTTP_PORT", "http_port", _port, "port to listen on"),
     Setting("CLICKHOUSE_DSN", "clickhouse", parse_dsn, "ClickHouse HTTP URL with user, password, database"),
     Setting("CLICKHOUSE_TABLE", "clickhouse_table", _table_name, "table the events go to"),
+    Setting(
+        "CLICKHOUSE_CREATE_TABLE", "clickhouse_create_table", _boolean,
+        "create the database and table if absent (false: only check that the table exists)",
+    ),
     Setting("CLICKHOUSE_TIMEOUT", "clickhouse_timeout", _positive_duration, "time limit of one ClickHouse request"),
     Setting("BATCH_SIZE", "batch_size", _positive_int, "flush when this many events are buffered"),
     Setting("FLUSH_INTERVAL", "flush_interval", _positive_duration, "flush when the oldest buffered event is this old"),
@@ -193,6 +239,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MAX_BATCH_EVENTS", "max_batch_events", _positive_int, "most events in one request (413 above)"),
     Setting("MAX_BUFFER_EVENTS", "max_buffer_events", _positive_int, "most events waiting for the Batcher (503 above)"),
     Setting("SHUTDOWN_TIMEOUT", "shutdown_timeout", _positive_duration, "time to drain on SIGTERM"),
+    Setting("SPOOL_DIR", "spool_dir", _directory, "directory of the write-ahead log; unset: no spool"),
+    Setting("SPOOL_MAX_BYTES", "spool_max_bytes", parse_size, "most bytes the spool may take on disk (503 above)"),
+    Setting("ACK_MODE", "ack_mode", _choice(("memory", "disk", "clickhouse"), str.lower),
+            "when POST /events answers: memory, disk (needs SPOOL_DIR) or clickhouse"),
+    Setting("ACK_TIMEOUT", "ack_timeout", _positive_duration, "longest wait for ClickHouse in ack mode clickhouse (504)"),
+    Setting("CLICKHOUSE_DOWN_GRACE", "clickhouse_down_grace", _positive_duration,
+            "how long ClickHouse may not answer before /readyz reports 503"),
     Setting("LOG_LEVEL", "log_level", _choice(LOG_LEVELS, str.upper), "DEBUG, INFO, WARNING, ERROR"),
     Setting("LOG_FORMAT", "log_format", _choice(LOG_FORMATS, str.lower), "text or json"),
 )
@@ -236,7 +289,11 @@ def load_config(argv: Sequence[str] = (), environ: Mapping[str, str] | None = No
             where = f"{_flag(setting)} ({setting.variable})" if from_flag is not None else setting.variable
             raise ConfigError(f"invalid {where}={shown!r}: {detail}") from None
     values.setdefault("clickhouse", parse_dsn(DEFAULT_DSN))
+    if "ack_mode" not in values and values.get("spool_dir") is not None:
+        values["ack_mode"] = "disk"
     config = Config(**values)
+    if config.ack_mode == "disk" and config.spool_dir is None:
+        raise ConfigError("invalid ACK_MODE=disk: needs SPOOL_DIR, the directory events are fsynced to")
     if config.max_batch_events > config.max_buffer_events:
         raise ConfigError(
             f"invalid MAX_BATCH_EVENTS={config.max_batch_events}: larger than "

@@ -1,5 +1,10 @@
-"""The receiver: aiohttp routes. It decodes and validates, then hands each request's events to
-the Batcher's mailbox as one message. It keeps no buffer of its own.
+"""The receiver: aiohttp routes. It decodes and validates, encodes the request's events once
+into JSONEachRow lines, then hands them on as one message: to the Spool when there is one, else
+straight to the Batcher's mailbox. It keeps no buffer of its own.
+
+When it answers depends on the acknowledgement mode (ACK_MODE, or `?ack=` per request):
+`memory` once the events are in the pipeline, `disk` once they are fsynced in the spool,
+`clickhouse` (also `?wait=true`) once ClickHouse confirmed the insert.
 """
 
 from __future__ import annotations
@@ -12,8 +17,11 @@ from collections.abc import Awaitable, Callable
 import msgspec
 from aiohttp import hdrs, web
 
-from clickpulse.events import Event, EventDecoder
+from clickpulse.events import EventDecoder, RowEncoder
+from clickpulse.memory_limit import MemoryLimit
+from clickpulse.messages import Delivery, RowsRejected
 from clickpulse.metrics import PipelineMetrics
+from clickpulse.spool import Spool, SpoolUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -21,8 +29,9 @@ JSON_TYPES = frozenset({"application/json", "text/plain"})  # text/plain: naviga
 NDJSON_TYPES = frozenset({"application/x-ndjson", "application/ndjson"})
 METHOD_LABELS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 REJECT_REASONS = ("invalid", "too_large", "unsupported_type", "overloaded", "shutting_down")
+ACK_MODES = ("memory", "disk", "clickhouse")
 
-# How long a request may wait for room in a full Batcher mailbox before it is answered 503.
+# How long a request may wait for room under MAX_BUFFER_EVENTS before it is answered 503.
 ENQUEUE_WAIT_SECONDS = 1.0
 RETRY_AFTER_OVERLOADED = "1"
 RETRY_AFTER_SHUTTING_DOWN = "5"
@@ -42,17 +51,28 @@ class Receiver:
         *,
         max_body_bytes: int,
         max_batch_events: int,
-        submit: Callable[[list[Event], float, float], Awaitable[bool]],
+        ack_mode: str,
+        ack_timeout: float,
+        memory: MemoryLimit,
+        to_batcher: Callable[[Delivery], None],
+        spool: Spool | None,
         not_ready_reason: Callable[[], str | None],
         metrics: PipelineMetrics,
     ) -> None:
         self._max_body_bytes = max_body_bytes
         self._max_batch_events = max_batch_events
-        self._submit = submit
+        self._ack_mode = ack_mode
+        self._ack_timeout = ack_timeout
+        self._memory = memory
+        self._to_batcher = to_batcher
+        self._spool = spool
         self._not_ready_reason = not_ready_reason
         self._metrics = metrics
         self._decoder = EventDecoder()
+        self._encoder = RowEncoder()
         self._draining = False
+        for reason in REJECT_REASONS:  # a series from the start, so rate() sees the first rejection
+            metrics.receiver.requests_rejected.add({"reason": reason}, 0)
 
     def build_app(self) -> web.Application:
         app = web.Application(client_max_size=self._max_body_bytes, middlewares=[self._observe])
@@ -74,6 +94,11 @@ class Receiver:
                 "shutting_down", 503, "clickpulse is shutting down; retry on another instance",
                 {hdrs.RETRY_AFTER: RETRY_AFTER_SHUTTING_DOWN},
             )
+        ack_mode = self._ack_mode_of(request)
+        if ack_mode is None:
+            return self._reject("invalid", 400, f"unknown ack mode; use ack={', '.join(ACK_MODES)} or wait=true")
+        if ack_mode == "disk" and self._spool is None:
+            return self._reject("invalid", 400, "ack=disk needs a spool: start clickpulse with SPOOL_DIR")
         is_ndjson = False
         if hdrs.CONTENT_TYPE in request.headers:
             content_type = request.content_type
@@ -90,6 +115,7 @@ class Receiver:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
             return self._too_large_body()
+        self._metrics.receiver.request_body_bytes.observe({}, len(body))
         if not body.strip():
             return self._reject("invalid", 400, "empty body: send a JSON object, a JSON array or NDJSON lines")
         try:
@@ -105,15 +131,64 @@ class Receiver:
                 "too_large", 413,
                 f"{count} events in one request; the limit is {self._max_batch_events} (MAX_BATCH_EVENTS)",
             )
-        if count and not await self._submit(events, asyncio.get_running_loop().time(), ENQUEUE_WAIT_SECONDS):
-            return self._reject(
-                "overloaded", 503, "the pipeline is full; retry later",
-                {hdrs.RETRY_AFTER: RETRY_AFTER_OVERLOADED},
-            )
+        if not count:
+            return json_response(202, {"status": "accepted", "accepted": 0})
+        confirmation = asyncio.get_running_loop().create_future() if ack_mode == "clickhouse" else None
+        refusal = await self._hand_on(self._encoder.encode(events), count, ack_mode, confirmation)
+        if refusal is not None:
+            return self._reject("overloaded", 503, refusal, {hdrs.RETRY_AFTER: RETRY_AFTER_OVERLOADED})
         self._metrics.receiver.events_received.add({}, count)
+        self._metrics.receiver.events_per_request.observe({}, count)
+        if confirmation is not None:
+            return await self._await_confirmation(confirmation, is_batch)
         if is_batch:
             return json_response(202, {"status": "accepted", "accepted": count})
         return web.Response(status=202, body=_ACCEPTED_ONE, content_type="application/json")
+
+    async def _hand_on(
+        self, rows: bytes, count: int, ack_mode: str, confirmation: asyncio.Future[int] | None
+    ) -> str | None:
+        """Gives the rows to the pipeline; returns why it could not take them, else None."""
+        received_at = asyncio.get_running_loop().time()
+        if self._spool is not None:
+            try:
+                await self._spool.append(
+                    rows, count, received_at, durable=ack_mode != "memory", confirmation=confirmation
+                )
+            except SpoolUnavailable as error:
+                return str(error)
+            return None
+        if not await self._memory.reserve(count, ENQUEUE_WAIT_SECONDS):
+            return "the pipeline is full (MAX_BUFFER_EVENTS); retry later"
+        self._to_batcher(Delivery(rows, count, received_at, None, confirmation))
+        return None
+
+    async def _await_confirmation(self, confirmation: asyncio.Future[int], is_batch: bool) -> web.Response:
+        try:
+            async with asyncio.timeout(self._ack_timeout):
+                written = await asyncio.shield(confirmation)
+        except TimeoutError:
+            return json_response(504, {
+                "error": f"accepted, but ClickHouse has not confirmed it within ACK_TIMEOUT={self._ack_timeout:g}s; "
+                "the events are still queued and will be written",
+            })
+        except RowsRejected as rejection:
+            return json_response(422, {
+                "error": str(rejection), "rejected": rejection.rejected, "written": rejection.written,
+            })
+        if is_batch:
+            return json_response(200, {"status": "written", "written": written})
+        return json_response(200, {"status": "written"})
+
+    def _ack_mode_of(self, request: web.Request) -> str | None:
+        """The request's acknowledgement mode, or None when its query asks for an unknown one."""
+        query = request.query
+        if not query:
+            return self._ack_mode
+        if query.get("wait", "").lower() in ("true", "1", "yes"):
+            return "clickhouse"
+        mode = query.get("ack", self._ack_mode).lower()
+        return mode if mode in ACK_MODES else None
 
     async def healthz(self, request: web.Request) -> web.Response:
         return json_response(200, {"status": "ok"})

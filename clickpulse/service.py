@@ -1,6 +1,6 @@
-"""The supervisor: builds the actors from one Config, starts them writer → batcher → receiver,
-stops them in reverse, and decides what an actor's unexpected death means (the process exits
-non-zero so the orchestrator restarts it, rather than answering 202 while nothing writes).
+"""The supervisor: builds the actors from one Config, starts them writer → batcher → spool →
+receiver, stops them in reverse, and decides what an actor's unexpected death means (the process
+exits non-zero so the orchestrator restarts it, rather than answering 202 while nothing writes).
 """
 
 from __future__ import annotations
@@ -16,14 +16,22 @@ from aioprometheus import Registry
 
 from clickpulse.batcher import Batcher
 from clickpulse.config import Config
+from clickpulse.memory_limit import MemoryLimit
+from clickpulse.messages import Delivery
 from clickpulse.metrics import PipelineMetrics
 from clickpulse.receiver import Receiver
+from clickpulse.spool import Spool
 from clickpulse.writer import Writer
 
 log = logging.getLogger(__name__)
 
-# In-flight HTTP requests only wait for the Batcher's mailbox, so they finish quickly.
+# In-flight HTTP requests only wait for the pipeline to take them (or for their ack), so they
+# finish quickly; this bounds how long a slow one can hold up the drain.
 HTTP_DRAIN_SECONDS = 5.0
+# Spool segments roll at this size (or a quarter of SPOOL_MAX_BYTES, if smaller), so confirmed
+# data is deleted segment by segment while an outage is being caught up.
+SPOOL_SEGMENT_BYTES = 32 << 20
+NEARLY_FULL = 0.9
 
 
 class Service:
@@ -36,34 +44,61 @@ class Service:
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self.memory: MemoryLimit | None = None
+        self.spool: Spool | None = None
         self.writer: Writer | None = None
         self.batcher: Batcher | None = None
         self.receiver: Receiver | None = None
 
     async def start(self) -> None:
         config = self.config
+        memory_gauge = self.metrics.writer.memory_events
+        self.memory = MemoryLimit(config.max_buffer_events, lambda held: memory_gauge.set({}, held))
+        self.metrics.batcher.buffer_capacity_events.set({}, config.max_buffer_events)
+        if config.spool_dir is not None:
+            self.spool = Spool(
+                directory=config.spool_dir,
+                max_bytes=config.spool_max_bytes,
+                segment_bytes=min(SPOOL_SEGMENT_BYTES, max(1, config.spool_max_bytes // 4)),
+                memory=self.memory,
+                deliver=self._deliver_to_batcher,
+                metrics=self.metrics.spool,
+            )
         # Every ClickHouse request has its own time limit (CLICKHOUSE_TIMEOUT) in the Writer.
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
         self.writer = Writer(
             target=config.clickhouse,
             table=config.clickhouse_table,
+            create_table=config.clickhouse_create_table,
             session=self._session,
             timeout=config.clickhouse_timeout,
             metrics=self.metrics.writer,
+            memory=self.memory,
+            spool=self.spool,
+            quarantine_directory=config.spool_dir,
+            ready_grace=config.clickhouse_down_grace,
         )
-        self._start_actor("writer", self.writer.run())
         self.batcher = Batcher(
             batch_size=config.batch_size,
             flush_interval=config.flush_interval,
-            capacity_events=config.max_buffer_events,
             hand_to_writer=self.writer.submit,
             metrics=self.metrics.batcher,
         )
+        recovered = self.spool.open() if self.spool is not None else None
+        self._start_actor("writer", self.writer.run())
+        if recovered is not None:
+            await self.writer.submit(recovered)  # the batch in flight at a crash goes first
         self._start_actor("batcher", self.batcher.run())
+        if self.spool is not None:
+            self._start_actor("spool", self.spool.run())
         self.receiver = Receiver(
             max_body_bytes=config.max_body_bytes,
             max_batch_events=config.max_batch_events,
-            submit=self.batcher.submit,
+            ack_mode=config.ack_mode,
+            ack_timeout=config.ack_timeout,
+            memory=self.memory,
+            to_batcher=self._deliver_to_batcher,
+            spool=self.spool,
             not_ready_reason=self.not_ready_reason,
             metrics=self.metrics,
         )
@@ -75,26 +110,39 @@ class Service:
         await site.start()
         self.port = self._runner.addresses[0][1]  # the real port when HTTP_PORT=0
         log.info(
-            "clickpulse listening on http://%s:%d, writing to %s table %s",
-            config.http_host, self.port, config.clickhouse.redacted, config.clickhouse_table,
+            "clickpulse listening on http://%s:%d, writing to %s table %s; ack mode %s, %s",
+            config.http_host, self.port, config.clickhouse.redacted, config.clickhouse_table, config.ack_mode,
+            f"spool in {config.spool_dir}" if config.spool_dir else "no spool (events are held in memory only)",
         )
+
+    def _deliver_to_batcher(self, delivery: Delivery) -> None:
+        assert self.batcher is not None
+        self.batcher.put(delivery)
 
     def not_ready_reason(self) -> str | None:
         for name, task in self._tasks.items():
             if task.done():
                 return f"{name} actor is not running"
-        assert self.writer is not None
+        assert self.writer is not None and self.memory is not None
+        if self.spool is not None:
+            reason = self.spool.not_ready_reason()
+            if reason:
+                return reason
+        elif self.memory.fill_ratio >= NEARLY_FULL:
+            return f"buffer {self.memory.fill_ratio:.0%} full (MAX_BUFFER_EVENTS={self.memory.capacity_events})"
         return self.writer.not_ready_reason()
 
     async def stop(self) -> int:
-        """Drains within SHUTDOWN_TIMEOUT; returns how many acknowledged events were not written."""
+        """Drains within SHUTDOWN_TIMEOUT; returns how many acknowledged events are lost (with a
+        spool: none, whatever ClickHouse did not confirm is replayed at the next start)."""
         self._stopping = True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.shutdown_timeout
         assert self.receiver and self.batcher and self.writer and self._runner and self._session
         self.receiver.stop_intake()
         await self._runner.cleanup()  # stops listening, waits for in-flight requests
-        lost = 0
+        if self.spool is not None:
+            self.spool.stop_forwarding()
         for name, stop in (("batcher", self.batcher.stop), ("writer", self.writer.stop)):
             task = self._tasks[name]
             try:
@@ -109,8 +157,15 @@ class Service:
         for task in self._tasks.values():
             task.cancel()
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
-        lost = self.batcher.held_events + self.writer.abandon()
-        if lost:
+        lost = self.writer.abandon() + (0 if self.spool is not None else self.batcher.held_events)
+        if self.spool is not None:
+            self.spool.close()
+            unconfirmed = self.spool.unconfirmed_events
+            if unconfirmed:
+                log.warning("shutdown: %d unconfirmed events stay in the spool for the next start", unconfirmed)
+            else:
+                log.info("shutdown: every acknowledged event was written")
+        elif lost:
             log.error("shutdown: %d acknowledged events were NOT written to ClickHouse", lost)
         else:
             log.info("shutdown: every acknowledged event was written")

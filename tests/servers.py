@@ -1,10 +1,12 @@
 """Real servers for tests and benchmarks: a ClickHouse server started from its binary on free
-ports with its own temp config and data directory, and a small TCP proxy the test controls.
+ports with its own temp config and data directory, a Prometheus server started the same way, and
+a small TCP proxy the test controls.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import socket
@@ -137,13 +139,15 @@ def start_clickhouse(directory: Path, command: list[str], startup_timeout: float
 
 class TcpProxy:
     """Forwards 127.0.0.1:port to a target port; `cut()` closes every connection and stops
-    listening, `restore()` listens again on the same port. Tests use it to make ClickHouse vanish."""
+    listening, `restore()` listens again on the same port, `delay` seconds are added before every
+    chunk forwarded. Tests use it to make ClickHouse vanish or crawl."""
 
     def __init__(self, target_port: int, port: int | None = None) -> None:
         self.target_port = target_port
         self.port = port or free_port()
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[asyncio.StreamWriter] = set()
+        self.delay = 0.0
 
     async def restore(self) -> None:
         if self._server is None:
@@ -169,11 +173,80 @@ class TcpProxy:
         )
         self._connections.difference_update((client_writer, upstream_writer))
 
-    @staticmethod
-    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while chunk := await reader.read(65536):
+                if self.delay:
+                    await asyncio.sleep(self.delay)
                 writer.write(chunk)
                 await writer.drain()
         finally:
             writer.close()
+
+
+def find_prometheus() -> str | None:
+    """The Prometheus server binary (Debian package `prometheus`), or None if none is installed."""
+    explicit = os.environ.get("PROMETHEUS_BIN")
+    if explicit:
+        return explicit
+    for candidate in ("/usr/bin/prometheus", shutil.which("prometheus")):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+@dataclass
+class PrometheusServer:
+    port: int
+    directory: Path
+    process: subprocess.Popen
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log_tail(self) -> str:
+        return (self.directory / "prometheus.log").read_text(errors="replace")[-3000:]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_prometheus(
+    directory: Path, binary: str, config: dict, rule_files: dict[str, dict], startup_timeout: float = 30.0
+) -> PrometheusServer:
+    """Starts Prometheus on a free port with a temp TSDB. `config` is prometheus.yml as a dict; its
+    `rule_files` entries name keys of `rule_files`, written next to it (JSON is valid YAML)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, rules in rule_files.items():
+        (directory / name).write_text(json.dumps(rules))
+    (directory / "prometheus.yml").write_text(json.dumps(config))
+    port = free_port()
+    output = open(directory / "prometheus.log", "wb")
+    process = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={directory / 'prometheus.yml'}",
+            f"--storage.tsdb.path={directory / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--log.level=warn",
+        ],
+        stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=directory,
+    )
+    server = PrometheusServer(port=port, directory=directory, process=process)
+    deadline = time.monotonic() + startup_timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            with urllib.request.urlopen(f"{server.url}/-/ready", timeout=1) as response:
+                if response.status == 200:
+                    return server
+        except OSError:
+            time.sleep(0.1)
+    server.stop()
+    raise RuntimeError(f"Prometheus did not start on port {port}: {server.log_tail()}")

@@ -1,4 +1,4 @@
-"""Unit tests for clickpulse.batcher: size, interval and shutdown flushes, the bounded mailbox."""
+"""Unit tests for clickpulse.batcher: size, interval and shutdown flushes of whole deliveries."""
 
 from __future__ import annotations
 
@@ -6,28 +6,36 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 
+import msgspec
 import pytest
 from aioprometheus import Registry
 
-from clickpulse.batcher import Batch, Batcher
-from clickpulse.events import Event
+from clickpulse.batcher import Batcher
+from clickpulse.messages import Batch, Delivery
 from clickpulse.metrics import BatcherMetrics
-
-CREATED_AT = datetime(2024, 1, 1, tzinfo=timezone.utc)
-
-
-def make_events(count: int, start: int = 0) -> list[Event]:
-    return [Event(event_type=f"e{index}", source="test", created_at=CREATED_AT) for index in range(start, start + count)]
-
-
-def names(events: list[Event]) -> list[str]:
-    return [event.event_type for event in events]
 
 
 def now() -> float:
     return asyncio.get_running_loop().time()
+
+
+def make_delivery(count: int, start: int = 0, received_at: float | None = None) -> Delivery:
+    """`count` JSONEachRow rows named e<start>.. e<start+count-1>, as the Receiver would encode them."""
+    rows = b"".join(msgspec.json.encode({"event_type": f"e{index}"}) + b"\n" for index in range(start, start + count))
+    return Delivery(rows, count, now() if received_at is None else received_at)
+
+
+def row_names(deliveries: list[Delivery]) -> list[str]:
+    return [
+        msgspec.json.decode(line)["event_type"]
+        for delivery in deliveries
+        for line in delivery.rows.splitlines()
+    ]
+
+
+def sizes(batches: list[Batch]) -> list[int]:
+    return [batch.count for batch in batches]
 
 
 @dataclass
@@ -49,6 +57,10 @@ class FakeWriter:
                 self.arrival.clear()
                 await self.arrival.wait()
 
+    @property
+    def delivered_names(self) -> list[str]:
+        return row_names([delivery for batch in self.batches for delivery in batch.deliveries])
+
 
 @dataclass
 class Harness:
@@ -56,9 +68,15 @@ class Harness:
     writer: FakeWriter
     metrics: BatcherMetrics
     task: asyncio.Task[None]
+    sent: list[Delivery] = field(default_factory=list)
 
-    async def submit(self, events: list[Event], wait: float = 0.05) -> bool:
-        return await self.batcher.submit(events, now(), wait)
+    def put(self, count: int, received_at: float | None = None) -> Delivery:
+        """Puts the next `count` rows, numbered on from those already put."""
+        start = sum(delivery.count for delivery in self.sent)
+        delivery = make_delivery(count, start, received_at)
+        self.sent.append(delivery)
+        self.batcher.put(delivery)
+        return delivery
 
     async def stop(self) -> None:
         await self.batcher.stop()
@@ -77,7 +95,6 @@ async def start_batcher() -> AsyncIterator[MakeHarness]:
         *,
         batch_size: int = 10,
         flush_interval: float = 10.0,
-        capacity_events: int = 1000,
         hand_to_writer: Callable[[Batch], Awaitable[None]] | None = None,
         run: bool = True,
     ) -> Harness:
@@ -86,7 +103,6 @@ async def start_batcher() -> AsyncIterator[MakeHarness]:
         batcher = Batcher(
             batch_size=batch_size,
             flush_interval=flush_interval,
-            capacity_events=capacity_events,
             hand_to_writer=hand_to_writer or writer.hand_to_writer,
             metrics=metrics,
         )
@@ -111,58 +127,78 @@ async def settle() -> None:
 # -- flush by size ----------------------------------------------------------------------------
 
 
-async def test_flushes_full_batches_by_size_and_the_rest_on_stop(start_batcher: MakeHarness) -> None:
+async def test_flushes_when_the_next_delivery_would_not_fit_and_the_rest_on_stop(start_batcher: MakeHarness) -> None:
     harness = await start_batcher(batch_size=10)
-    sent: list[Event] = []
-    for count in (7, 7, 7, 4):  # 25 events in four requests
-        events = make_events(count, start=len(sent))
-        sent += events
-        assert await harness.submit(events)
+    for count in (4, 3, 3, 4, 2, 5):  # 21 events in six requests
+        harness.put(count)
 
-    await harness.writer.wait_for_batches(2)
+    await harness.writer.wait_for_batches(1)
     await settle()
-    assert [len(batch.events) for batch in harness.writer.batches] == [10, 10]
+    # 4+3+3 reaches BATCH_SIZE; 4+2 leaves no room for the 5.
+    assert [batch.count for batch in harness.writer.batches] == [10, 6]
     assert [batch.trigger for batch in harness.writer.batches] == ["size", "size"]
     assert harness.batcher.held_events == 5
 
     await harness.stop()
 
-    assert [len(batch.events) for batch in harness.writer.batches] == [10, 10, 5]
+    assert sizes(harness.writer.batches) == [10, 6, 5]
     assert harness.writer.batches[2].trigger == "shutdown"
-    delivered = [event for batch in harness.writer.batches for event in batch.events]
-    assert names(delivered) == names(sent)
+    assert harness.writer.delivered_names == row_names(harness.sent)
     assert harness.batcher.held_events == 0
 
 
-async def test_single_delivery_larger_than_batch_size_is_split(start_batcher: MakeHarness) -> None:
+async def test_a_batch_holds_whole_deliveries_never_part_of_one(start_batcher: MakeHarness) -> None:
     harness = await start_batcher(batch_size=10)
-    events = make_events(35)
+    for count in (7, 7, 7, 4):
+        harness.put(count)
 
-    assert await harness.submit(events)
-    await harness.writer.wait_for_batches(3)
-
-    assert [len(batch.events) for batch in harness.writer.batches] == [10, 10, 10]
-    assert all(batch.trigger == "size" for batch in harness.writer.batches)
     await harness.stop()
-    assert [len(batch.events) for batch in harness.writer.batches] == [10, 10, 10, 5]
-    assert names([event for batch in harness.writer.batches for event in batch.events]) == names(events)
+
+    assert sizes(harness.writer.batches) == [7, 7, 7, 4]
+    assert [len(batch.deliveries) for batch in harness.writer.batches] == [1, 1, 1, 1]
+    assert [batch.deliveries[0] for batch in harness.writer.batches] == harness.sent
+    assert all(batch.count <= 10 for batch in harness.writer.batches)
+
+
+async def test_delivery_larger_than_batch_size_is_never_split_but_flushed_alone(start_batcher: MakeHarness) -> None:
+    harness = await start_batcher(batch_size=10)
+    harness.put(3)
+    big = harness.put(35)
+    harness.put(2)
+
+    await harness.writer.wait_for_batches(2)
+    await harness.stop()
+
+    assert [(batch.count, batch.trigger) for batch in harness.writer.batches] == [(3, "size"), (35, "size"), (2, "shutdown")]
+    assert harness.writer.batches[1].deliveries == [big]
+    assert harness.writer.delivered_names == row_names(harness.sent)
 
 
 async def test_exactly_batch_size_events_flush_at_once(start_batcher: MakeHarness) -> None:
     harness = await start_batcher(batch_size=10)
 
-    assert await harness.submit(make_events(10))
+    harness.put(10)
     await harness.writer.wait_for_batches(1)
 
-    assert len(harness.writer.batches[0].events) == 10
+    assert harness.writer.batches[0].count == 10
     assert harness.writer.batches[0].trigger == "size"
     assert harness.batcher.held_events == 0
+
+
+async def test_deliveries_adding_up_to_batch_size_flush_at_once(start_batcher: MakeHarness) -> None:
+    harness = await start_batcher(batch_size=10)
+
+    harness.put(6)
+    harness.put(4)
+    await harness.writer.wait_for_batches(1)
+
+    assert [(batch.count, batch.trigger, len(batch.deliveries)) for batch in harness.writer.batches] == [(10, "size", 2)]
 
 
 async def test_below_batch_size_nothing_is_flushed_before_the_interval(start_batcher: MakeHarness) -> None:
     harness = await start_batcher(batch_size=10, flush_interval=10.0)
 
-    assert await harness.submit(make_events(9))
+    harness.put(9)
     await asyncio.sleep(0.05)
 
     assert harness.writer.batches == []
@@ -176,12 +212,12 @@ async def test_flushes_by_interval(start_batcher: MakeHarness) -> None:
     harness = await start_batcher(batch_size=10, flush_interval=0.05)
     submitted_at = now()
 
-    assert await harness.submit(make_events(1))
+    harness.put(1, received_at=submitted_at)
     await harness.writer.wait_for_batches(1, timeout=1.0)
 
     batch = harness.writer.batches[0]
     assert batch.trigger == "interval"
-    assert len(batch.events) == 1
+    assert batch.count == 1
     assert harness.writer.arrived_at[0] - submitted_at >= 0.05 - 0.005
     assert harness.batcher.held_events == 0
 
@@ -197,51 +233,63 @@ async def test_no_batch_when_idle(start_batcher: MakeHarness) -> None:
 async def test_no_further_batches_after_an_interval_flush_empties_the_buffer(start_batcher: MakeHarness) -> None:
     harness = await start_batcher(batch_size=10, flush_interval=0.05)
 
-    assert await harness.submit(make_events(2))
+    harness.put(2)
     await harness.writer.wait_for_batches(1)
     await asyncio.sleep(0.2)
 
     assert len(harness.writer.batches) == 1
 
 
-async def test_interval_clock_starts_at_the_oldest_buffered_event(start_batcher: MakeHarness) -> None:
+async def test_interval_clock_starts_at_the_oldest_buffered_delivery(start_batcher: MakeHarness) -> None:
     harness = await start_batcher(batch_size=100, flush_interval=0.1)
     first_at = now()
 
-    assert await harness.submit(make_events(1, start=0))
+    harness.put(1, received_at=first_at)
     await asyncio.sleep(0.03)
-    assert await harness.submit(make_events(1, start=1))
+    harness.put(1)
     await harness.writer.wait_for_batches(1, timeout=1.0)
 
     assert len(harness.writer.batches) == 1
     batch = harness.writer.batches[0]
-    assert names(batch.events) == ["e0", "e1"]
+    assert row_names(batch.deliveries) == ["e0", "e1"]
     assert batch.trigger == "interval"
     assert harness.writer.arrived_at[0] - first_at >= 0.1 - 0.005
+    assert harness.writer.arrived_at[0] - first_at < 0.1 + 0.03 + 0.1  # not restarted by the second
     assert batch.oldest_received_at == pytest.approx(first_at, abs=0.01)
 
 
-async def test_a_newer_event_does_not_postpone_the_flush_of_an_older_one(start_batcher: MakeHarness) -> None:
+async def test_interval_clock_counts_from_receipt_not_from_arrival_in_the_batcher(start_batcher: MakeHarness) -> None:
+    # A delivery that waited in the Spool or the mailbox is flushed as soon as it is taken in.
+    harness = await start_batcher(batch_size=100, flush_interval=5.0)
+
+    harness.put(1, received_at=now() - 10.0)
+    await harness.writer.wait_for_batches(1, timeout=0.5)
+
+    assert harness.writer.batches[0].trigger == "interval"
+
+
+async def test_a_newer_delivery_does_not_postpone_the_flush_of_an_older_one(start_batcher: MakeHarness) -> None:
     # The second delivery claims to have arrived far in the future: were the clock to restart at
-    # the newest event, nothing would be flushed for a minute.
+    # the newest delivery, nothing would be flushed for a minute.
     harness = await start_batcher(batch_size=100, flush_interval=0.05)
     first_at = now()
 
-    assert await harness.batcher.submit(make_events(1, start=0), first_at, 0.05)
-    assert await harness.batcher.submit(make_events(1, start=1), first_at + 60.0, 0.05)
+    harness.put(1, received_at=first_at)
+    harness.put(1, received_at=first_at + 60.0)
     await harness.writer.wait_for_batches(1, timeout=1.0)
 
-    assert names(harness.writer.batches[0].events) == ["e0", "e1"]
+    assert row_names(harness.writer.batches[0].deliveries) == ["e0", "e1"]
 
 
 async def test_interval_clock_restarts_after_a_size_flush(start_batcher: MakeHarness) -> None:
-    # After a size flush leaves events behind, their own age decides the next interval flush.
+    # After a size flush, the delivery that did not fit starts a new clock of its own.
     harness = await start_batcher(batch_size=10, flush_interval=0.05)
 
-    assert await harness.submit(make_events(13))
+    harness.put(8)
+    harness.put(5)
     await harness.writer.wait_for_batches(2, timeout=1.0)
 
-    assert [(len(batch.events), batch.trigger) for batch in harness.writer.batches] == [(10, "size"), (3, "interval")]
+    assert [(batch.count, batch.trigger) for batch in harness.writer.batches] == [(8, "size"), (5, "interval")]
 
 
 # -- stop -------------------------------------------------------------------------------------
@@ -249,14 +297,15 @@ async def test_interval_clock_restarts_after_a_size_flush(start_batcher: MakeHar
 
 async def test_stop_flushes_everything_with_trigger_shutdown_and_run_returns(start_batcher: MakeHarness) -> None:
     harness = await start_batcher(batch_size=10, flush_interval=10.0)
-    assert await harness.submit(make_events(4))
-    assert await harness.submit(make_events(3, start=4))
+    harness.put(4)
+    harness.put(3)
 
     await harness.stop()
 
     assert harness.task.done() and harness.task.exception() is None
-    assert [(len(batch.events), batch.trigger) for batch in harness.writer.batches] == [(7, "shutdown")]
-    assert names(harness.writer.batches[0].events) == [f"e{index}" for index in range(7)]
+    assert [(batch.count, batch.trigger) for batch in harness.writer.batches] == [(7, "shutdown")]
+    assert harness.writer.batches[0].deliveries == harness.sent
+    assert harness.writer.delivered_names == [f"e{index}" for index in range(7)]
     assert harness.batcher.held_events == 0
 
 
@@ -268,83 +317,71 @@ async def test_stop_of_an_empty_batcher_produces_no_batch(start_batcher: MakeHar
     assert harness.writer.batches == []
 
 
-async def test_events_still_in_the_mailbox_at_stop_are_all_delivered(start_batcher: MakeHarness) -> None:
+async def test_deliveries_still_in_the_mailbox_at_stop_are_all_delivered(start_batcher: MakeHarness) -> None:
     harness = await start_batcher(batch_size=10, run=False)
-    assert await harness.submit(make_events(25))
+    for count in (4, 3, 3, 4, 2):
+        harness.put(count)
+    assert harness.batcher.held_events == 16
     await harness.batcher.stop()
 
     async with asyncio.timeout(1.0):
         await harness.batcher.run()
 
-    assert [len(batch.events) for batch in harness.writer.batches] == [10, 10, 5]
-    assert harness.writer.batches[-1].trigger == "shutdown"
+    assert [(batch.count, batch.trigger) for batch in harness.writer.batches] == [(10, "size"), (6, "shutdown")]
+    assert harness.writer.delivered_names == row_names(harness.sent)
     assert harness.batcher.held_events == 0
 
 
-# -- mailbox capacity -------------------------------------------------------------------------
+# -- backpressure -----------------------------------------------------------------------------
 
 
-async def test_submit_beyond_capacity_returns_false_after_the_wait(start_batcher: MakeHarness) -> None:
+async def test_a_blocked_writer_stops_the_batcher_and_deliveries_wait_in_the_mailbox(start_batcher: MakeHarness) -> None:
+    # What bounds the mailbox is the MemoryLimit upstream; the Batcher's part is not to drain it
+    # while the Writer cannot take a batch, and to hand on everything once it can.
     handed: list[Batch] = []
+    writer_free = asyncio.Event()
 
     async def blocked_writer(batch: Batch) -> None:
         handed.append(batch)
-        await asyncio.Event().wait()  # ClickHouse never answers
+        await writer_free.wait()
 
-    harness = await start_batcher(batch_size=10, capacity_events=20, hand_to_writer=blocked_writer)
-    assert await harness.submit(make_events(10))  # taken by the Batcher, stuck in the writer
+    harness = await start_batcher(batch_size=10, hand_to_writer=blocked_writer)
+    harness.put(10)  # taken by the Batcher, stuck in the writer
     await settle()
     assert len(handed) == 1
 
-    assert await harness.submit(make_events(15))
-    assert await harness.submit(make_events(5))  # mailbox now holds exactly its capacity
-    started = now()
-    assert await harness.submit(make_events(1), wait=0.05) is False
-    assert now() - started >= 0.05 - 0.005
-    assert harness.batcher.held_events == 20
-
-
-async def test_delivery_larger_than_capacity_is_refused_at_once(start_batcher: MakeHarness) -> None:
-    harness = await start_batcher(capacity_events=20, run=False)
-    started = now()
-
-    assert await harness.submit(make_events(21), wait=1.0) is False
-    assert now() - started < 0.5
-
-
-async def test_waiting_submit_succeeds_when_room_appears(start_batcher: MakeHarness) -> None:
-    harness = await start_batcher(batch_size=10, capacity_events=10, run=False)
-    assert await harness.submit(make_events(10))
-
-    waiting = asyncio.create_task(harness.submit(make_events(5, start=10), wait=1.0))
+    harness.put(6)
+    harness.put(7)
     await settle()
-    assert not waiting.done()
-    run = asyncio.create_task(harness.batcher.run())  # starts draining the mailbox
 
-    assert await waiting is True
-    await harness.batcher.stop()
-    async with asyncio.timeout(1.0):
-        await run
-    delivered = [event for batch in harness.writer.batches for event in batch.events]
-    assert names(delivered) == [f"e{index}" for index in range(15)]
+    assert len(handed) == 1
+    assert harness.batcher.held_events == 13
+    assert harness.metrics.mailbox_events.get({}) == 13
+
+    writer_free.set()
+    await harness.stop()
+
+    assert sizes(handed) == [10, 6, 7]
+    assert row_names([delivery for batch in handed for delivery in batch.deliveries]) == row_names(harness.sent)
 
 
 # -- metrics ----------------------------------------------------------------------------------
 
 
 async def test_metrics_buffer_events_flush_counts_and_batch_size(start_batcher: MakeHarness) -> None:
-    harness = await start_batcher(batch_size=10, flush_interval=10.0, capacity_events=500)
+    harness = await start_batcher(batch_size=10, flush_interval=10.0)
     metrics = harness.metrics
     assert metrics.buffer_events.get({}) == 0
-    assert metrics.buffer_capacity_events.get({}) == 500
 
-    assert await harness.submit(make_events(23))
+    for count in (5, 5, 6, 4, 3):
+        harness.put(count)
     await harness.writer.wait_for_batches(2)
     await settle()
 
     assert metrics.batch_flushes.get({"trigger": "size"}) == 2
     assert metrics.batch_size.get({}) == 10
     assert metrics.buffer_events.get({}) == 3
+    assert metrics.buffered_events.get({}) == 3
 
     await harness.stop()
 
@@ -358,7 +395,7 @@ async def test_metrics_buffer_events_flush_counts_and_batch_size(start_batcher: 
 async def test_metrics_count_interval_flushes(start_batcher: MakeHarness) -> None:
     harness = await start_batcher(batch_size=10, flush_interval=0.05)
 
-    assert await harness.submit(make_events(4))
+    harness.put(4)
     await harness.writer.wait_for_batches(1)
 
     assert harness.metrics.batch_flushes.get({"trigger": "interval"}) == 1
@@ -367,10 +404,21 @@ async def test_metrics_count_interval_flushes(start_batcher: MakeHarness) -> Non
 
 
 async def test_buffer_events_gauge_counts_the_mailbox_too(start_batcher: MakeHarness) -> None:
-    harness = await start_batcher(capacity_events=100, run=False)
+    harness = await start_batcher(run=False)
 
-    assert await harness.submit(make_events(6))
-    assert await harness.submit(make_events(7))
+    harness.put(6)
+    harness.put(7)
 
     assert harness.metrics.buffer_events.get({}) == 13
+    assert harness.metrics.mailbox_events.get({}) == 13
     assert harness.batcher.held_events == 13
+
+
+async def test_oldest_event_age_is_the_mailbox_head_while_the_buffer_is_empty(start_batcher: MakeHarness) -> None:
+    harness = await start_batcher(run=False)
+    assert harness.batcher.oldest_event_age() == 0.0
+
+    harness.put(1, received_at=now() - 3.0)
+    harness.put(1, received_at=now() - 1.0)
+
+    assert harness.batcher.oldest_event_age() == pytest.approx(3.0, abs=0.1)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from clickpulse.config import SETTINGS, Config, ConfigError, load_config, parse_dsn, parse_duration
+from clickpulse.config import SETTINGS, Config, ConfigError, load_config, parse_dsn, parse_duration, parse_size
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,6 +39,38 @@ def test_parse_duration_accepts_units_and_plain_seconds(text: str, seconds: floa
 def test_parse_duration_rejects_malformed_negative_and_non_finite_values(text: str) -> None:
     with pytest.raises(ValueError):
         parse_duration(text)
+
+
+# -- parse_size -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("1073741824", 1 << 30),
+        ("512MiB", 512 << 20),
+        ("1GiB", 1 << 30),
+        ("2TiB", 2 << 40),
+        ("64KiB", 64 << 10),
+        ("10GB", 10 * 1000**3),
+        ("5MB", 5 * 1000**2),
+        ("3kb", 3000),
+        ("100b", 100),
+        ("1.5KiB", 1536),
+        ("1gib", 1 << 30),
+        (" 2 MiB ", 2 << 20),
+    ],
+)
+def test_parse_size_accepts_bytes_and_binary_and_decimal_units(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize(
+    "text", ["", "   ", "abc", "MiB", "-1", "-5MiB", "0", "0GiB", "0.0001KiB", "10XB", "1.5.5MiB", "1 MiB extra", "1e9"]
+)
+def test_parse_size_rejects_malformed_unknown_unit_and_non_positive_sizes(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_size(text)
 
 
 # -- parse_dsn --------------------------------------------------------------------------------
@@ -173,6 +205,12 @@ BAD_VALUES = {
     "SHUTDOWN_TIMEOUT": "-1s",
     "LOG_LEVEL": "loud",
     "LOG_FORMAT": "xml",
+    "CLICKHOUSE_CREATE_TABLE": "maybe",
+    "SPOOL_DIR": "   ",
+    "SPOOL_MAX_BYTES": "10XB",
+    "ACK_MODE": "eventually",
+    "ACK_TIMEOUT": "0",
+    "CLICKHOUSE_DOWN_GRACE": "soon",
 }
 
 
@@ -228,6 +266,96 @@ def test_max_batch_events_equal_to_max_buffer_events_is_allowed() -> None:
     config = load_config([], {"MAX_BATCH_EVENTS": "100", "MAX_BUFFER_EVENTS": "100"})
 
     assert config.max_batch_events == config.max_buffer_events == 100
+
+
+# -- spool and acknowledgement settings -------------------------------------------------------
+
+
+def test_reliability_settings_defaults_without_a_spool() -> None:
+    config = load_config([], {})
+
+    assert config.spool_dir is None
+    assert config.ack_mode == "memory"
+    assert config.spool_max_bytes == 1 << 30
+    assert config.ack_timeout == 30.0
+    assert config.clickhouse_down_grace == 15.0
+
+
+def test_reliability_settings_from_the_environment() -> None:
+    config = load_config(
+        [],
+        {
+            "SPOOL_DIR": "/var/lib/clickpulse",
+            "SPOOL_MAX_BYTES": "512MiB",
+            "ACK_MODE": "ClickHouse",
+            "ACK_TIMEOUT": "500ms",
+            "CLICKHOUSE_DOWN_GRACE": "1m",
+            "CLICKHOUSE_CREATE_TABLE": "off",
+        },
+    )
+
+    assert config.spool_dir == Path("/var/lib/clickpulse")
+    assert config.spool_max_bytes == 512 << 20
+    assert config.ack_mode == "clickhouse"
+    assert config.ack_timeout == pytest.approx(0.5)
+    assert config.clickhouse_down_grace == 60.0
+    assert config.clickhouse_create_table is False
+
+
+def test_reliability_settings_from_flags() -> None:
+    config = load_config(
+        ["--spool-dir", "/data/spool", "--spool-max-bytes", "2GB", "--ack-mode", "memory", "--ack-timeout", "2s"],
+        {"SPOOL_MAX_BYTES": "1KiB"},
+    )
+
+    assert config.spool_dir == Path("/data/spool")
+    assert config.spool_max_bytes == 2 * 1000**3
+    assert config.ack_mode == "memory"
+    assert config.ack_timeout == 2.0
+
+
+def test_ack_mode_defaults_to_disk_when_spool_dir_is_set() -> None:
+    assert load_config([], {"SPOOL_DIR": "/var/lib/clickpulse"}).ack_mode == "disk"
+    assert load_config(["--spool-dir", "/var/lib/clickpulse"], {}).ack_mode == "disk"
+
+
+@pytest.mark.parametrize("mode", ["memory", "clickhouse"])
+def test_explicit_ack_mode_wins_over_the_spool_default(mode: str) -> None:
+    assert load_config([], {"SPOOL_DIR": "/var/lib/clickpulse", "ACK_MODE": mode}).ack_mode == mode
+
+
+def test_empty_spool_dir_means_no_spool_and_memory_acks() -> None:
+    config = load_config([], {"SPOOL_DIR": ""})
+
+    assert config.spool_dir is None
+    assert config.ack_mode == "memory"
+
+
+def test_ack_mode_clickhouse_needs_no_spool() -> None:
+    assert load_config([], {"ACK_MODE": "clickhouse"}).ack_mode == "clickhouse"
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ"),
+    [([], {"ACK_MODE": "disk"}), (["--ack-mode", "disk"], {}), ([], {"ACK_MODE": "DISK"})],
+    ids=["environment", "flag", "upper-case"],
+)
+def test_ack_mode_disk_without_spool_dir_is_an_error_naming_both(argv: list[str], environ: dict[str, str]) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(argv, environ)
+
+    message = str(caught.value)
+    assert "ACK_MODE" in message
+    assert "SPOOL_DIR" in message
+    assert "\n" not in message
+
+
+def test_bad_spool_max_bytes_error_shows_the_accepted_forms() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config([], {"SPOOL_MAX_BYTES": "lots"})
+
+    assert "SPOOL_MAX_BYTES" in str(caught.value)
+    assert "MiB" in str(caught.value)
 
 
 # -- the DSN password never leaks -------------------------------------------------------------
@@ -306,7 +434,7 @@ def test_dsn_password_from_query_not_in_repr_of_config() -> None:
 
 
 def _clean_environment(**overrides: str) -> dict[str, str]:
-    prefixes = ("CLICKHOUSE_", "HTTP_", "BATCH_", "FLUSH_", "MAX_", "LOG_", "SHUTDOWN_")
+    prefixes = ("CLICKHOUSE_", "HTTP_", "BATCH_", "FLUSH_", "MAX_", "LOG_", "SHUTDOWN_", "SPOOL_", "ACK_")
     env = {key: value for key, value in os.environ.items() if not key.startswith(prefixes)}
     env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env.update(overrides)

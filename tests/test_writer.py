@@ -1,15 +1,36 @@
-"""Unit tests for clickpulse.writer: error classification and retry backoff."""
+"""Unit tests for clickpulse.writer: error classification, retry backoff, deduplication tokens,
+and, with a fake ChClient in place of ClickHouse, bisection, quarantine and confirmations."""
 
 from __future__ import annotations
 
+import asyncio
 import random
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import aiohttp
+import msgspec
 import pytest
 from aiochclient import ChClientError
 from aiohttp.client_reqrep import ConnectionKey
+from aioprometheus import Registry
 
-from clickpulse.writer import BACKOFF_BASE_SECONDS, BACKOFF_CAP_SECONDS, backoff_seconds, classify_error
+from clickpulse import writer as writer_module
+from clickpulse.config import parse_dsn
+from clickpulse.memory_limit import MemoryLimit
+from clickpulse.messages import Batch, Delivery, RowsRejected
+from clickpulse.metrics import WriterMetrics
+from clickpulse.schema import capabilities_for
+from clickpulse.writer import (
+    BACKOFF_BASE_SECONDS,
+    BACKOFF_CAP_SECONDS,
+    QUARANTINE_FILE,
+    Writer,
+    backoff_seconds,
+    classify_error,
+    deduplication_token,
+)
 
 
 def connection_key() -> ConnectionKey:
@@ -164,3 +185,271 @@ def test_backoff_default_draw_stays_within_full_jitter_bounds() -> None:
         delays = [backoff_seconds(attempt) for _ in range(200)]
         assert all(0.0 <= delay <= ceiling for delay in delays)
         assert len(set(delays)) > 1, "full jitter: delays should vary"
+
+
+# -- deduplication_token ----------------------------------------------------------------------
+
+BODY = b'{"event_type":"a","event_id":"1"}\n{"event_type":"b","event_id":"2"}\n'
+
+
+def test_same_body_gives_the_same_token() -> None:
+    assert deduplication_token(BODY) == deduplication_token(bytes(BODY))
+
+
+def test_same_deliveries_joined_again_give_the_same_token() -> None:
+    # A replay rebuilds the batch from the same records: the joined body, so the token, match.
+    first, second = BODY.splitlines(keepends=True)
+
+    assert deduplication_token(first + second) == deduplication_token(b"".join([first, second]))
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        BODY.replace(b'"2"', b'"3"'),  # one byte differs
+        BODY.splitlines(keepends=True)[0],  # a part of it
+        b"".join(reversed(BODY.splitlines(keepends=True))),  # the same rows in another order
+        BODY + b"\n",
+    ],
+    ids=["one-byte", "prefix", "reordered", "trailing-newline"],
+)
+def test_different_body_gives_a_different_token(other: bytes) -> None:
+    assert deduplication_token(other) != deduplication_token(BODY)
+
+
+def test_token_is_plain_hex_safe_inside_a_quoted_setting() -> None:
+    token = deduplication_token(BODY)
+
+    assert len(token) == 32
+    assert set(token) <= set("0123456789abcdef")
+
+
+# -- a Writer with a fake ClickHouse ----------------------------------------------------------
+
+REJECTION = "Code: 27. DB::Exception: Cannot parse input: expected '\"' before: 'bad'"
+
+
+@dataclass
+class FakeClickHouse:
+    """Stands in for the Writer's insert ChClient: takes rows unless a row holds `"bad"`."""
+
+    transient_failures: int = 0
+    quarantine_fails: bool = False
+    inserts: list[tuple[str, bytes]] = field(default_factory=list)
+    quarantined: list[bytes] = field(default_factory=list)
+
+    async def insert_file(self, query: str, body: bytes) -> None:
+        if "_quarantine" in query:
+            if self.quarantine_fails:
+                raise aiohttp.ClientOSError(111, "Connection refused")
+            self.quarantined.append(body)
+            return
+        if self.transient_failures:
+            self.transient_failures -= 1
+            raise aiohttp.ClientOSError(104, "Connection reset by peer")
+        if b'"bad"' in body:
+            raise ChClientError(REJECTION)
+        self.inserts.append((query, body))
+
+    @property
+    def inserted_rows(self) -> list[bytes]:
+        return [line for _, body in self.inserts for line in body.splitlines()]
+
+
+@dataclass
+class FakeSpool:
+    """Records what the Writer tells the spool around each insert."""
+
+    calls: list[tuple[str, Batch]] = field(default_factory=list)
+
+    async def begin_insert(self, batch: Batch) -> None:
+        self.calls.append(("begin_insert", batch))
+
+    def confirm(self, batch: Batch) -> None:
+        self.calls.append(("confirm", batch))
+
+
+@dataclass
+class WriterHarness:
+    writer: Writer
+    clickhouse: FakeClickHouse
+    spool: FakeSpool
+    memory: MemoryLimit
+    metrics: WriterMetrics
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as client_session:
+        yield client_session
+
+
+@pytest.fixture
+def no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(writer_module, "backoff_seconds", lambda attempt: 0.0)
+
+
+def make_writer(session: aiohttp.ClientSession, clickhouse: FakeClickHouse, quarantine_directory: Path | None = None) -> WriterHarness:
+    metrics = WriterMetrics(Registry())
+    memory = MemoryLimit(1000)
+    spool = FakeSpool()
+    writer = Writer(
+        target=parse_dsn("http://clickhouse.invalid:8123/analytics"),
+        table="events",
+        session=session,
+        timeout=1.0,
+        metrics=metrics,
+        memory=memory,
+        spool=spool,  # type: ignore[arg-type]
+        quarantine_directory=quarantine_directory,
+    )
+    # As if _connect() had found a server that supports deduplication tokens.
+    writer._insert_client = clickhouse  # type: ignore[assignment]
+    writer._capabilities = capabilities_for("24.8.1.1")
+    writer._schema_ready = True
+    return WriterHarness(writer, clickhouse, spool, memory, metrics)
+
+
+def row(name: str) -> bytes:
+    return msgspec.json.encode({"event_type": name}) + b"\n"
+
+
+def delivery(*names: str, confirmed: bool = True) -> Delivery:
+    future = asyncio.get_running_loop().create_future() if confirmed else None
+    return Delivery(b"".join(row(name) for name in names), len(names), asyncio.get_running_loop().time(), None, future)
+
+
+async def write(harness: WriterHarness, deliveries: list[Delivery]) -> Batch:
+    """What the Batcher and Writer do with one batch: reserve, submit, write."""
+    batch = Batch(deliveries, "size")
+    assert harness.memory.try_reserve(batch.count)
+    harness.writer._change_pending(batch.count)
+    async with asyncio.timeout(1.0):
+        await harness.writer._write(batch)
+    return batch
+
+
+async def test_finish_confirmations_maps_rejected_row_indices_to_their_deliveries(
+    session: aiohttp.ClientSession,
+) -> None:
+    harness = make_writer(session, FakeClickHouse())
+    unconfirmed = delivery("r0", "r1", confirmed=False)  # rows 0-1: ack=memory, nobody waits
+    second = delivery("r2", "r3", "r4")  # rows 2-4
+    third = delivery("r5")  # row 5
+    fourth = delivery("r6", "r7")  # rows 6-7
+    batch = Batch([unconfirmed, second, third, fourth], "size")
+
+    harness.writer._finish_confirmations(batch, {1, 3, 4, 7}, "table")
+
+    assert unconfirmed.confirmation is None
+    assert second.confirmation is not None and third.confirmation is not None and fourth.confirmation is not None
+    rejection = second.confirmation.exception()
+    assert isinstance(rejection, RowsRejected)
+    assert (rejection.rejected, rejection.written, rejection.destination) == (2, 1, "events_quarantine")
+    assert third.confirmation.result() == 1
+    rejection = fourth.confirmation.exception()
+    assert isinstance(rejection, RowsRejected)
+    assert (rejection.rejected, rejection.written) == (1, 1)
+
+
+@pytest.mark.parametrize(
+    ("destination", "named"), [("file", "quarantine.ndjson in SPOOL_DIR"), ("log", "error log only")]
+)
+async def test_finish_confirmations_names_a_quarantine_outside_the_table(
+    session: aiohttp.ClientSession, destination: str, named: str
+) -> None:
+    harness = make_writer(session, FakeClickHouse())
+    rejected = delivery("r0")
+
+    harness.writer._finish_confirmations(Batch([rejected], "size"), {0}, destination)
+
+    assert rejected.confirmation is not None
+    rejection = rejected.confirmation.exception()
+    assert isinstance(rejection, RowsRejected) and rejection.destination == named
+
+
+async def test_finish_confirmations_leaves_an_already_finished_future_alone(session: aiohttp.ClientSession) -> None:
+    harness = make_writer(session, FakeClickHouse())
+    abandoned, waiting = delivery("r0"), delivery("r1")
+    assert abandoned.confirmation is not None
+    abandoned.confirmation.cancel()  # its request went away
+
+    harness.writer._finish_confirmations(Batch([abandoned, waiting], "size"), set(), "")
+
+    assert waiting.confirmation is not None and waiting.confirmation.result() == 1
+
+
+async def test_write_inserts_a_clean_batch_once_with_its_token_and_confirms_it(session: aiohttp.ClientSession) -> None:
+    harness = make_writer(session, FakeClickHouse())
+    first, second = delivery("a", "b"), delivery("c")
+
+    batch = await write(harness, [first, second])
+
+    [(query, body)] = harness.clickhouse.inserts
+    assert body == first.rows + second.rows
+    assert f"insert_deduplication_token = '{deduplication_token(body)}'" in query
+    assert first.confirmation is not None and first.confirmation.result() == 2
+    assert second.confirmation is not None and second.confirmation.result() == 1
+    assert harness.spool.calls == [("begin_insert", batch), ("confirm", batch)]
+    assert harness.memory.held == 0
+    assert harness.writer.pending_events == 0
+
+
+async def test_write_bisects_a_rejected_batch_and_quarantines_only_the_bad_row(session: aiohttp.ClientSession) -> None:
+    harness = make_writer(session, FakeClickHouse())
+    clean = delivery("good0", "good1")
+    mixed = delivery("good2", "bad", "good3")
+    unwatched = delivery("good4", confirmed=False)
+
+    batch = await write(harness, [clean, mixed, unwatched])
+
+    assert sorted(harness.clickhouse.inserted_rows) == sorted(row(f"good{index}").strip() for index in range(5))
+    for query, body in harness.clickhouse.inserts:  # every partial insert carries its own token
+        assert deduplication_token(body) in query
+    [quarantine_body] = harness.clickhouse.quarantined
+    [quarantined] = [msgspec.json.decode(line) for line in quarantine_body.splitlines()]
+    assert quarantined["row"] == row("bad").decode().strip()
+    assert quarantined["error"].startswith("Code: 27.")
+    assert clean.confirmation is not None and clean.confirmation.result() == 2
+    assert mixed.confirmation is not None
+    rejection = mixed.confirmation.exception()
+    assert isinstance(rejection, RowsRejected)
+    assert (rejection.rejected, rejection.written, rejection.destination) == (1, 2, "events_quarantine")
+    assert harness.metrics.quarantined.get({"destination": "table"}) == 1
+    assert harness.metrics.events_dropped.get({"reason": "rejected"}) == 0
+    assert harness.spool.calls[-1] == ("confirm", batch)  # quarantined rows count as done
+    assert harness.memory.held == 0
+
+
+async def test_write_retries_transient_failures_with_the_same_token(
+    session: aiohttp.ClientSession, no_backoff: None
+) -> None:
+    harness = make_writer(session, FakeClickHouse(transient_failures=3))
+    waiting = delivery("a", "b")
+
+    await write(harness, [waiting])
+
+    [(query, body)] = harness.clickhouse.inserts
+    assert deduplication_token(waiting.rows) in query
+    assert harness.metrics.retries.get({}) == 3
+    assert harness.metrics.insert_errors.get({"kind": "connection"}) == 3
+    assert waiting.confirmation is not None and waiting.confirmation.result() == 2
+    assert harness.clickhouse.quarantined == []
+
+
+async def test_rejected_rows_go_to_the_quarantine_file_when_the_table_cannot_take_them(
+    session: aiohttp.ClientSession, no_backoff: None, tmp_path: Path
+) -> None:
+    harness = make_writer(session, FakeClickHouse(quarantine_fails=True), quarantine_directory=tmp_path)
+    mixed = delivery("good", "bad")
+
+    await write(harness, [mixed])
+
+    [line] = (tmp_path / QUARANTINE_FILE).read_bytes().splitlines()
+    assert msgspec.json.decode(line)["row"] == row("bad").decode().strip()
+    assert harness.clickhouse.inserted_rows == [row("good").strip()]
+    assert mixed.confirmation is not None
+    rejection = mixed.confirmation.exception()
+    assert isinstance(rejection, RowsRejected) and rejection.destination == "quarantine.ndjson in SPOOL_DIR"
+    assert harness.metrics.quarantined.get({"destination": "file"}) == 1
+    assert harness.metrics.events_dropped.get({"reason": "rejected"}) == 0

@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -13,7 +16,7 @@ import pytest
 
 from clickpulse.config import load_config
 from clickpulse.service import Service
-from tests.servers import ClickHouseServer
+from tests.servers import ClickHouseServer, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -101,3 +104,54 @@ def make_event(index: int = 0, **overrides: Any) -> dict[str, Any]:
     }
     event.update(overrides)
     return event
+
+
+class ServiceProcess:
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "clickpulse"],
+            env={**env, "HTTP_HOST": "127.0.0.1", "HTTP_PORT": str(self.port)},
+            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+
+    @property
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    async def status(self, http: aiohttp.ClientSession, path: str) -> int | None:
+        try:
+            async with http.get(self.url + path) as response:
+                return response.status
+        except aiohttp.ClientConnectionError:
+            return None
+
+    async def is_ready(self, http: aiohttp.ClientSession) -> bool:
+        return await self.status(http, "/readyz") == 200
+
+    async def wait_exit(self, timeout: float) -> int:
+        return await asyncio.to_thread(self.process.wait, timeout)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self._log.close()
+
+
+@pytest.fixture
+def start_service(python_env: dict[str, str], tmp_path: Path):
+    started: list[ServiceProcess] = []
+
+    def start(**settings: str) -> ServiceProcess:
+        service = ServiceProcess({**python_env, **settings}, tmp_path / f"clickpulse-{len(started)}.log")
+        started.append(service)
+        return service
+
+    yield start
+    for service in started:
+        service.kill()

@@ -13,61 +13,10 @@ import aiohttp
 import msgspec
 import pytest
 
-from tests.integration.conftest import count_rows, eventually, wait_for_rows, make_event, metric_samples
+from tests.integration.conftest import count_rows, eventually, make_event, metric_samples, wait_for_rows
 from tests.servers import APP_PASSWORD, APP_USER, ClickHouseServer, free_port
 
 pytestmark = pytest.mark.integration
-
-
-class ServiceProcess:
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        self._log = open(log_path, "wb")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "clickpulse"],
-            env={**env, "HTTP_HOST": "127.0.0.1", "HTTP_PORT": str(self.port)},
-            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        )
-
-    @property
-    def log(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    async def status(self, http: aiohttp.ClientSession, path: str) -> int | None:
-        try:
-            async with http.get(self.url + path) as response:
-                return response.status
-        except aiohttp.ClientConnectionError:
-            return None
-
-    async def is_ready(self, http: aiohttp.ClientSession) -> bool:
-        return await self.status(http, "/readyz") == 200
-
-    async def wait_exit(self, timeout: float) -> int:
-        return await asyncio.to_thread(self.process.wait, timeout)
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-        self._log.close()
-
-
-@pytest.fixture
-def start_service(python_env: dict[str, str], tmp_path: Path):
-    started: list[ServiceProcess] = []
-
-    def start(**settings: str) -> ServiceProcess:
-        service = ServiceProcess({**python_env, **settings}, tmp_path / f"clickpulse-{len(started)}.log")
-        started.append(service)
-        return service
-
-    yield start
-    for service in started:
-        service.kill()
 
 
 async def test_sigterm_flushes_every_buffered_event_and_exits_zero(

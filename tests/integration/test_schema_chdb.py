@@ -60,3 +60,34 @@ def test_modern_ddl_and_rows_keep_milliseconds_in_utc(chdb_session) -> None:
     assert web["value"] == 2.5 and ios["value"] is None
     assert json.loads(web["properties"]) == {"plan": "pro", "seats": 3, "trial": False}
     assert ios["properties"] == ""
+
+
+def test_a_repeated_insert_with_the_same_token_is_stored_once(chdb_session) -> None:
+    from clickpulse.schema import quarantine_ddl
+    from clickpulse.writer import deduplication_token
+
+    version = str(chdb_session.query("SELECT version()", "CSV")).strip().strip('"')
+    capabilities = capabilities_for(version)
+    assert capabilities.deduplicates_inserts
+    chdb_session.query(database_ddl("analytics"))
+    chdb_session.query(table_ddl("analytics", "events", capabilities))
+    chdb_session.query(quarantine_ddl("analytics", "events"))
+    events = EventDecoder().decode_ndjson(
+        b'{"event_type":"a","source":"web","created_at":"2024-05-01T00:00:00Z"}\n'
+        b'{"event_type":"b","source":"web","created_at":"2024-05-01T00:00:01Z"}\n'
+    )
+    body = RowEncoder().encode(events)
+    settings = ", ".join(f"{name}='{value}'" for name, value in INSERT_SETTINGS.items())
+
+    def insert(rows: bytes) -> None:
+        query = insert_query("analytics", "events", deduplication_token(rows))
+        chdb_session.query(query.replace(" FORMAT", f", {settings} FORMAT") + "\n" + rows.decode())
+
+    insert(body)
+    insert(body)  # a retry after a lost answer, or a replay after a crash
+    assert str(chdb_session.query("SELECT count() FROM analytics.events", "CSV")).strip() == "2"
+    other = RowEncoder().encode(EventDecoder().decode_ndjson(
+        b'{"event_type":"a","source":"web","created_at":"2024-05-01T00:00:00Z"}\n'
+    ))
+    insert(other)  # different rows: a different token, stored
+    assert str(chdb_session.query("SELECT count() FROM analytics.events", "CSV")).strip() == "3"

@@ -20,23 +20,36 @@ def base_url(service) -> str:
     return f"http://127.0.0.1:{service.port}"
 
 
-async def test_flush_by_size_writes_full_batches_and_keeps_the_rest_until_shutdown(
+async def test_flush_by_size_writes_whole_requests_and_keeps_the_rest_until_shutdown(
     clickhouse_server: ClickHouseServer, clickhouse_database: str
 ) -> None:
     dsn = clickhouse_server.dsn(clickhouse_database)
     async with running_service(dsn, BATCH_SIZE="100", FLUSH_INTERVAL="1h") as service, aiohttp.ClientSession() as http:
-        async with http.post(base_url(service) + "/events", json=[make_event(i) for i in range(250)]) as response:
-            assert response.status == 202
-            assert await response.json() == {"status": "accepted", "accepted": 250}
-        assert await wait_for_rows(clickhouse_server, clickhouse_database, 200) == 200
+        url = base_url(service) + "/events"
+        for request_number in range(6):
+            async with http.post(url, json=[make_event(request_number * 40 + i) for i in range(40)]) as response:
+                assert response.status == 202
+                assert await response.json() == {"status": "accepted", "accepted": 40}
+        # 40+40 fill a batch as far as whole requests go: flushed when the third did not fit.
+        assert await wait_for_rows(clickhouse_server, clickhouse_database, 160) == 160
         samples = await scrape(http, base_url(service))
         assert samples['batch_flush_total{trigger="size"}'] == 2
-        assert samples["batch_size"] == 100
-        assert samples["buffer_events"] == 50
-        assert samples["clickhouse_rows_written_total"] == 200
+        assert samples["batch_size"] == 80
+        assert samples["buffer_events"] == 80
+        # A request larger than BATCH_SIZE is never split: it is one batch of its own.
+        async with http.post(url, json=[make_event(1000 + i) for i in range(250)]) as response:
+            assert response.status == 202
+        assert await wait_for_rows(clickhouse_server, clickhouse_database, 490) == 490
+        async with http.post(url, json=[make_event(2000 + i) for i in range(30)]) as response:
+            assert response.status == 202
+        samples = await scrape(http, base_url(service))
+        assert samples['batch_flush_total{trigger="size"}'] == 4
+        assert samples["batch_size"] == 250
+        assert samples["clickhouse_rows_written_total"] == 490
         lost = await service.stop()
     assert lost == 0
-    assert await count_rows(clickhouse_server, clickhouse_database) == 250
+    assert await count_rows(clickhouse_server, clickhouse_database) == 520
+    assert service.metrics.batcher.batch_flushes.get({"trigger": "shutdown"}) == 1
 
 
 async def test_flush_by_interval_writes_a_small_batch_without_waiting_for_size(
