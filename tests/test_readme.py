@@ -8,7 +8,7 @@ from pathlib import Path
 import msgspec
 
 from clickpulse.config import DEFAULT_DSN, SETTINGS, Config
-from clickpulse.metrics import PipelineMetrics
+from clickpulse.metrics import METRIC_LABELS, PipelineMetrics
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 
@@ -28,8 +28,18 @@ def test_metrics_table_lists_exactly_the_registered_metrics_with_their_types() -
     assert documented == registered
 
 
+def test_metrics_table_lists_the_declared_label_names_of_every_metric() -> None:
+    documented = {
+        row[0].strip("`"): tuple(label.strip().strip("`") for label in row[2].split(",") if label.strip())
+        for row in table_rows("Metrics")
+    }
+    declared = {name: METRIC_LABELS.get(name, ()) for name in documented}
+    assert documented == declared, "README labels column and clickpulse.metrics.METRIC_LABELS disagree"
+
+
 def test_configuration_table_lists_every_setting_with_its_real_default() -> None:
-    documented = {row[0].strip("`"): row[1].strip("`") for row in table_rows("Configuration")}
+    # A default cell is its value in backticks, perhaps followed by a remark; "unset" means None.
+    documented = {row[0].strip("`"): row[1].split("`")[1] if "`" in row[1] else row[1] for row in table_rows("Configuration")}
     assert set(documented) == {setting.variable for setting in SETTINGS}
     defaults = msgspec.structs.asdict(Config(clickhouse=None))  # type: ignore[arg-type]
     for setting in SETTINGS:
@@ -38,7 +48,7 @@ def test_configuration_table_lists_every_setting_with_its_real_default() -> None
             assert shown == DEFAULT_DSN
             continue
         default = defaults[setting.field]
-        parsed = setting.parse(shown)
+        parsed = None if shown == "unset" else setting.parse(shown)
         assert parsed == default, f"{setting.variable}: README says {shown!r}, code defaults to {default!r}"
 
 
