@@ -34,10 +34,9 @@ _STOP = _Stop()
 class EventMailbox:
     """The Batcher's mailbox: Deliveries in arrival order, with a count of their events."""
 
-    def __init__(self, on_change: Callable[[int], None]) -> None:
+    def __init__(self) -> None:
         self._messages: collections.deque[Delivery | _Stop] = collections.deque()
         self._events = 0
-        self._on_change = on_change
         self._arrival: asyncio.Future[None] | None = None
 
     @property
@@ -53,7 +52,6 @@ class EventMailbox:
         self._messages.append(message)
         if isinstance(message, Delivery):
             self._events += message.count
-            self._on_change(self._events)
         if self._arrival is not None and not self._arrival.done():
             self._arrival.set_result(None)
 
@@ -74,7 +72,6 @@ class EventMailbox:
         message = self._messages.popleft()
         if isinstance(message, Delivery):
             self._events -= message.count
-            self._on_change(self._events)
         return message
 
     @staticmethod
@@ -100,10 +97,9 @@ class Batcher:
         self._metrics = metrics
         self._buffer: list[Delivery] = []
         self._buffered_events = 0
-        self._mailbox_events = 0
-        self._mailbox = EventMailbox(self._mailbox_changed)
-        metrics.buffer_events.set({}, 0)
+        self._mailbox = EventMailbox()
         metrics.measure_oldest_event_age_with(self.oldest_event_age)
+        metrics.measure_held_events_with(lambda: (self._mailbox.events, self._buffered_events))
         for trigger in FLUSH_TRIGGERS:  # a series from the start: "no flush yet" must read as 0, not as no data
             metrics.batch_flushes.add({"trigger": trigger}, 0)
 
@@ -114,7 +110,7 @@ class Batcher:
     @property
     def held_events(self) -> int:
         """Events in the mailbox or the buffer, not yet handed to the Writer."""
-        return self._mailbox_events + self._buffered_events
+        return self._mailbox.events + self._buffered_events
 
     async def stop(self) -> None:
         """Asks `run()` to flush everything it holds and return. Call after intake has stopped."""
@@ -142,26 +138,15 @@ class Batcher:
             if self._buffered_events >= self._batch_size:
                 await self._flush("size")
                 deadline = None
-            self._update_gauges()
 
     async def _flush(self, trigger: str) -> None:
         batch = Batch(self._buffer, trigger, self._buffered_events)
         self._buffer = []
         self._buffered_events = 0
-        self._update_gauges()
         self._metrics.batch_flushes.inc({"trigger": trigger})
         self._metrics.batch_size.set({}, batch.count)
         self._metrics.batch_rows.observe({}, batch.count)
         await self._hand_to_writer(batch)
-
-    def _mailbox_changed(self, mailbox_events: int) -> None:
-        self._mailbox_events = mailbox_events
-        self._update_gauges()
-
-    def _update_gauges(self) -> None:
-        self._metrics.buffer_events.set({}, self.held_events)
-        self._metrics.mailbox_events.set({}, self._mailbox_events)
-        self._metrics.buffered_events.set({}, self._buffered_events)
 
     def oldest_event_age(self) -> float:
         """Seconds the oldest held event has waited: the buffer's head, else the mailbox's (while the

@@ -9,7 +9,7 @@ events, and their errors name the event's index and the field the same way msgsp
 
 from __future__ import annotations
 
-import os
+import random
 import time
 import uuid
 from datetime import datetime, timezone
@@ -29,16 +29,14 @@ MAX_PROPERTY_VALUE_LENGTH = 1024
 EARLIEST_CREATED_AT = datetime(1970, 1, 1, tzinfo=timezone.utc)
 LATEST_CREATED_AT = datetime(2105, 12, 31, 23, 59, 59, 999000, tzinfo=timezone.utc)
 
-# "not blank": at least one character that is not white space.
-NonBlankName = Annotated[str, Meta(min_length=1, max_length=MAX_NAME_LENGTH, pattern=r"\S")]
+# Not blank: msgspec checks the length; the decoder then rejects white space only (`isspace()` is
+# several times cheaper than a regular expression per field).
+NonBlankName = Annotated[str, Meta(min_length=1, max_length=MAX_NAME_LENGTH)]
 UserId = Annotated[str, Meta(max_length=MAX_USER_ID_LENGTH)]
 AwareDatetime = Annotated[datetime, Meta(tz=True)]
 PropertyName = Annotated[str, Meta(max_length=MAX_PROPERTY_KEY_LENGTH)]
 PropertyValue = Annotated[str, Meta(max_length=MAX_PROPERTY_VALUE_LENGTH)] | int | float | bool
 Properties = Annotated[dict[PropertyName, PropertyValue], Meta(max_length=MAX_PROPERTIES)]
-
-_NO_PROPERTIES = msgspec.Raw(b"")
-
 
 class Event(Struct, forbid_unknown_fields=True, omit_defaults=True, gc=False):
     """One analytical event as POSTed, and as encoded into its JSONEachRow line.
@@ -56,26 +54,39 @@ class Event(Struct, forbid_unknown_fields=True, omit_defaults=True, gc=False):
     value: float | None = None
     # Decoded as these types; the decoder then stores generated ids and properties as text.
     event_id: uuid.UUID | None = None
-    properties: msgspec.Raw = _NO_PROPERTIES
+    properties: Properties | None = None
 
 
 class EventIds:
-    """UUIDv7 texts (RFC 9562): a millisecond timestamp, then random bits that count up within a
-    request. Time-ordered like the rows they identify, and about 20 times cheaper than uuid4()."""
+    """UUIDv7 texts (RFC 9562): a millisecond timestamp, 12 random bits, the variant, 14 random
+    bits, then a 48-bit counter that starts at a random value each millisecond and counts up.
+    Unique and time-ordered like the rows they identify, and many times cheaper than uuid4():
+    within a millisecond, an id is one string format."""
 
-    _RANDOM_62_BITS = (1 << 62) - 1
-    _VARIANT = 1 << 63
+    _COUNTER_SPAN = 1 << 48
+
+    def __init__(self) -> None:
+        # Seeded from os.urandom once; a system call per request cost more than the ids.
+        self._random = random.Random()
+        self._millisecond = -1
+        self._prefix = ""
+        self._next = 0
 
     def batch(self, count: int) -> list[str]:
         milliseconds = time.time_ns() // 1_000_000
-        random_bits = int.from_bytes(os.urandom(10), "big")
-        prefix = f"{milliseconds >> 16 & 0xFFFFFFFF:08x}-{milliseconds & 0xFFFF:04x}-7{random_bits >> 68 & 0xFFF:03x}-"
-        start = random_bits & self._RANDOM_62_BITS
-        ids = []
-        for offset in range(count):
-            tail = (start + offset) & self._RANDOM_62_BITS | self._VARIANT
-            ids.append(f"{prefix}{tail >> 48:04x}-{tail & 0xFFFFFFFFFFFF:012x}")
-        return ids
+        if milliseconds != self._millisecond or self._next + count > self._COUNTER_SPAN:
+            draw = self._random.getrandbits
+            self._millisecond = milliseconds
+            self._prefix = (
+                f"{milliseconds >> 16 & 0xFFFFFFFF:08x}-{milliseconds & 0xFFFF:04x}-7{draw(12):03x}-"
+                f"{0x8000 | draw(14):04x}-"
+            )
+            # The low half of the counter's range, so a millisecond's requests never exhaust it.
+            self._next = draw(47)
+        start = self._next
+        self._next = start + count
+        prefix = self._prefix
+        return [f"{prefix}{counter:012x}" for counter in range(start, start + count)]
 
 
 class EventDecoder:
@@ -84,7 +95,7 @@ class EventDecoder:
     def __init__(self) -> None:
         self._one = msgspec.json.Decoder(Event)
         self._many = msgspec.json.Decoder(list[Event])
-        self._properties = msgspec.json.Decoder(Properties | None)
+        self._properties_encoder = msgspec.json.Encoder()
         self._ids = EventIds()
 
     def decode_json(self, body: bytes) -> tuple[list[Event], bool]:
@@ -116,33 +127,39 @@ class EventDecoder:
 
     def _complete(self, events: list[Event], batch: bool) -> None:
         """The per-event rules msgspec cannot express, then ids for events that came without."""
-        without_id = 0
+        without_id = []
+        with_properties = []
         for index, event in enumerate(events):
-            created_at = event.created_at
-            if not 1970 < created_at.year < 2105 and not EARLIEST_CREATED_AT <= created_at <= LATEST_CREATED_AT:
-                path = f"$[{index}]" if batch else "$"
-                raise msgspec.ValidationError(
-                    f"`created_at` {created_at.isoformat()} is outside the range ClickHouse stores "
-                    f"(1970-01-01T00:00:00Z to 2105-12-31T23:59:59Z) - at `{path}.created_at`"
-                )
-            properties = event.properties
-            if properties:
-                event.properties = self._properties_text(properties, f"$[{index}]" if batch else "$")
+            year = event.created_at.year
+            if not 1970 < year < 2105:
+                self._check_range(event.created_at, index, batch)
+            if event.event_type.isspace() or event.source.isspace():
+                field = "event_type" if event.event_type.isspace() else "source"
+                raise msgspec.ValidationError(f"Expected `str` that is not blank - at `{_event_path(index, batch)}.{field}`")
+            if event.properties is not None:
+                with_properties.append(event)
             if event.event_id is None:
-                without_id += 1
+                without_id.append(event)
+        if with_properties:
+            # One encoder call for all of them; JSON text never contains a raw newline.
+            texts = self._properties_encoder.encode_lines([event.properties for event in with_properties])
+            for event, text in zip(with_properties, texts.decode().split("\n")):
+                event.properties = text  # type: ignore[assignment] - stored as text from here on
         if without_id:
-            ids = iter(self._ids.batch(without_id))
-            for event in events:
-                if event.event_id is None:
-                    event.event_id = next(ids)
+            for event, event_id in zip(without_id, self._ids.batch(len(without_id))):
+                event.event_id = event_id  # type: ignore[assignment] - generated ids are text
 
-    def _properties_text(self, raw: msgspec.Raw, event_path: str) -> str:
-        """The object's JSON text as sent; "" for null, like an absent object."""
-        try:
-            properties = self._properties.decode(raw)
-        except msgspec.DecodeError as error:
-            raise msgspec.ValidationError(_at_path(str(error), f"{event_path}.properties")) from None
-        return "" if properties is None else bytes(raw).decode()
+    @staticmethod
+    def _check_range(created_at: datetime, index: int, batch: bool) -> None:
+        if not EARLIEST_CREATED_AT <= created_at <= LATEST_CREATED_AT:
+            raise msgspec.ValidationError(
+                f"`created_at` {created_at.isoformat()} is outside the range ClickHouse stores "
+                f"(1970-01-01T00:00:00Z to 2105-12-31T23:59:59Z) - at `{_event_path(index, batch)}.created_at`"
+            )
+
+
+def _event_path(index: int, batch: bool) -> str:
+    return f"$[{index}]" if batch else "$"
 
 
 def _at_path(message: str, prefix: str) -> str:

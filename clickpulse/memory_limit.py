@@ -5,14 +5,12 @@ pipeline, released when ClickHouse confirmed it (or it was quarantined)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 
 
 class MemoryLimit:
-    def __init__(self, capacity_events: int, on_change: Callable[[int], None] = lambda held: None) -> None:
+    def __init__(self, capacity_events: int) -> None:
         self.capacity_events = capacity_events
         self._held = 0
-        self._on_change = on_change
         self._released = asyncio.Event()
 
     @property
@@ -28,7 +26,6 @@ class MemoryLimit:
         if self._held + count > self.capacity_events and self._held > 0:
             return False
         self._held += count
-        self._on_change(self._held)
         return True
 
     async def reserve(self, count: int, timeout: float | None) -> bool:
@@ -47,5 +44,4 @@ class MemoryLimit:
 
     def release(self, count: int) -> None:
         self._held -= count
-        self._on_change(self._held)
         self._released.set()

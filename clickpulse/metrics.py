@@ -12,9 +12,10 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 
-from aioprometheus import Counter, Gauge, Histogram, Registry
+from aioprometheus import Registry
 from aioprometheus.formats.text import TextFormatter
-from aioprometheus.histogram import Histogram as HistogramValues
+
+from clickpulse.collectors import Counter, Gauge, Histogram
 
 from clickpulse.process_metrics import ProcessMetrics
 
@@ -53,7 +54,7 @@ def unlabelled_counter(name: str, doc: str, registry: Registry) -> Counter:
 
 def unlabelled_histogram(name: str, doc: str, registry: Registry, buckets: Sequence[float]) -> Histogram:
     histogram = Histogram(name, doc, registry=registry, buckets=buckets)
-    histogram.set_value({}, HistogramValues(*buckets))  # what the first observe() would create
+    histogram.zero({})
     return histogram
 
 
@@ -118,15 +119,26 @@ class BatcherMetrics:
         for gauge in (self.buffer_events, self.mailbox_events, self.buffered_events, self.oldest_event_age):
             gauge.set({}, 0)
         self._oldest_event_age_source: Callable[[], float] | None = None
+        self._held_events_source: Callable[[], tuple[int, int]] | None = None
 
     def measure_oldest_event_age_with(self, source: Callable[[], float]) -> None:
         """The Batcher says how to compute the age; `refresh()` asks at every scrape, so a scrape
         sees the age grow even while the Batcher sleeps until its next flush."""
         self._oldest_event_age_source = source
 
+    def measure_held_events_with(self, source: Callable[[], tuple[int, int]]) -> None:
+        """(mailbox events, buffered events), read at every scrape rather than set at every
+        request: on the single-event path those gauge updates cost more than they told."""
+        self._held_events_source = source
+
     def refresh(self) -> None:
         if self._oldest_event_age_source is not None:
             self.oldest_event_age.set({}, self._oldest_event_age_source())
+        if self._held_events_source is not None:
+            mailbox, buffered = self._held_events_source()
+            self.mailbox_events.set({}, mailbox)
+            self.buffered_events.set({}, buffered)
+            self.buffer_events.set({}, mailbox + buffered)
 
 
 class WriterMetrics:
@@ -244,12 +256,19 @@ class PipelineMetrics:
         self.spool = SpoolMetrics(self.registry)
         self.process = ProcessMetrics(self.registry)
         self._formatter = TextFormatter()
+        self._on_scrape: list[Callable[[], None]] = []
+
+    def on_scrape(self, refresh: Callable[[], None]) -> None:
+        """Runs `refresh` before every render, for gauges read from their owner's state."""
+        self._on_scrape.append(refresh)
 
     def render(self) -> bytes:
         # Values that describe "now" (an age, CPU time, memory) are computed here rather than when
         # something happens, so every scrape sees their current value.
         self.batcher.refresh()
         self.process.refresh()
+        for refresh in self._on_scrape:
+            refresh()
         return self._formatter.marshall(self.registry)
 
     @property

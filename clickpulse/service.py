@@ -52,8 +52,9 @@ class Service:
 
     async def start(self) -> None:
         config = self.config
-        memory_gauge = self.metrics.writer.memory_events
-        self.memory = MemoryLimit(config.max_buffer_events, lambda held: memory_gauge.set({}, held))
+        self.memory = MemoryLimit(config.max_buffer_events)
+        memory, memory_gauge = self.memory, self.metrics.writer.memory_events
+        self.metrics.on_scrape(lambda: memory_gauge.set({}, memory.held))
         self.metrics.batcher.buffer_capacity_events.set({}, config.max_buffer_events)
         if config.spool_dir is not None:
             self.spool = Spool(

@@ -356,6 +356,7 @@ async def test_a_blocked_writer_stops_the_batcher_and_deliveries_wait_in_the_mai
 
     assert len(handed) == 1
     assert harness.batcher.held_events == 13
+    harness.metrics.refresh()
     assert harness.metrics.mailbox_events.get({}) == 13
 
     writer_free.set()
@@ -371,6 +372,7 @@ async def test_a_blocked_writer_stops_the_batcher_and_deliveries_wait_in_the_mai
 async def test_metrics_buffer_events_flush_counts_and_batch_size(start_batcher: MakeHarness) -> None:
     harness = await start_batcher(batch_size=10, flush_interval=10.0)
     metrics = harness.metrics
+    metrics.refresh()
     assert metrics.buffer_events.get({}) == 0
 
     for count in (5, 5, 6, 4, 3):
@@ -380,13 +382,16 @@ async def test_metrics_buffer_events_flush_counts_and_batch_size(start_batcher: 
 
     assert metrics.batch_flushes.get({"trigger": "size"}) == 2
     assert metrics.batch_size.get({}) == 10
+    metrics.refresh()
     assert metrics.buffer_events.get({}) == 3
+    metrics.refresh()
     assert metrics.buffered_events.get({}) == 3
 
     await harness.stop()
 
     assert metrics.batch_flushes.get({"trigger": "shutdown"}) == 1
     assert metrics.batch_size.get({}) == 3
+    metrics.refresh()
     assert metrics.buffer_events.get({}) == 0
     assert metrics.batch_rows.get({})["count"] == 3
     assert metrics.batch_rows.get({})["sum"] == 23
@@ -400,6 +405,7 @@ async def test_metrics_count_interval_flushes(start_batcher: MakeHarness) -> Non
 
     assert harness.metrics.batch_flushes.get({"trigger": "interval"}) == 1
     assert harness.metrics.batch_size.get({}) == 4
+    harness.metrics.refresh()
     assert harness.metrics.buffer_events.get({}) == 0
 
 
@@ -409,7 +415,10 @@ async def test_buffer_events_gauge_counts_the_mailbox_too(start_batcher: MakeHar
     harness.put(6)
     harness.put(7)
 
+    harness.metrics.refresh()
+
     assert harness.metrics.buffer_events.get({}) == 13
+    harness.metrics.refresh()
     assert harness.metrics.mailbox_events.get({}) == 13
     assert harness.batcher.held_events == 13
 

@@ -261,7 +261,7 @@ def test_absent_and_null_properties_mean_none() -> None:
     assert not decode_one().properties
     body = encode(event_object())[:-1] + b',"properties":null}'
     events, _ = EventDecoder().decode_json(body)
-    assert events[0].properties == ""
+    assert events[0].properties is None
     assert msgspec.json.decode(RowEncoder().encode(events)).get("properties", "") == ""
 
 

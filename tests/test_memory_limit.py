@@ -64,16 +64,15 @@ def test_reservation_larger_than_the_capacity_waits_while_anything_is_held() -> 
     assert memory.held == 1
 
 
-def test_on_change_sees_every_new_held_count() -> None:
-    seen: list[int] = []
-    memory = MemoryLimit(10, seen.append)
+def test_held_follows_every_reservation_and_release() -> None:
+    memory = MemoryLimit(10)
+    seen = []
+    for step in (lambda: memory.try_reserve(4), lambda: memory.try_reserve(20), lambda: memory.try_reserve(5),
+                 lambda: memory.release(9)):
+        step()
+        seen.append(memory.held)
 
-    memory.try_reserve(4)
-    memory.try_reserve(20)  # refused: no change to report
-    memory.try_reserve(5)
-    memory.release(9)
-
-    assert seen == [4, 9, 0]
+    assert seen == [4, 4, 9, 0]  # the refused reservation changed nothing
 
 
 # -- reserve with a timeout -------------------------------------------------------------------
