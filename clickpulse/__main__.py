@@ -11,7 +11,9 @@ from collections.abc import Sequence
 
 import msgspec
 
+from clickpulse.clickhouse import EmbeddedUnavailable
 from clickpulse.config import Config, ConfigError, load_config
+from clickpulse.query import QueryFailed, run_query
 from clickpulse.service import serve
 
 EXIT_CONFIG_ERROR = 2
@@ -51,21 +53,48 @@ def configure_logging(config: Config) -> None:
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
+QUERY_USAGE = 'usage: python -m clickpulse query "SELECT ..." [flags]'
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    sql = None
+    if arguments[:1] == ["query"]:
+        if len(arguments) < 2 or arguments[1].startswith("-"):
+            print(f"clickpulse: {QUERY_USAGE}", file=sys.stderr)
+            return EXIT_CONFIG_ERROR
+        sql, arguments = arguments[1], arguments[2:]
     try:
-        config = load_config(sys.argv[1:] if argv is None else argv, os.environ)
+        config = load_config(arguments, os.environ)
     except ConfigError as error:
         print(f"clickpulse: {error}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
+    if sql is not None:
+        return query_command(config, sql)
     configure_logging(config)
     try:
         return asyncio.run(serve(config))
+    except EmbeddedUnavailable as error:
+        print(f"clickpulse: {error}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
     except KeyboardInterrupt:
         return 130
     except OSError as error:
         # The listening socket is the usual suspect: port in use, address not available.
         logging.getLogger("clickpulse").error("cannot start: %s", error)
         return 1
+
+
+def query_command(config: Config, sql: str) -> int:
+    try:
+        print(asyncio.run(run_query(config, sql)), end="")
+    except EmbeddedUnavailable as error:
+        print(f"clickpulse: {error}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    except QueryFailed as error:
+        print(f"clickpulse: query failed: {error}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

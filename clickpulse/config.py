@@ -45,7 +45,8 @@ class ClickHouseTarget(msgspec.Struct, frozen=True):
 class Config(msgspec.Struct, frozen=True, kw_only=True):
     http_host: str = "0.0.0.0"
     http_port: int = 8080
-    clickhouse: ClickHouseTarget
+    clickhouse: ClickHouseTarget | None = None  # None: the embedded store in data_dir
+    data_dir: Path = Path("clickpulse-data")
     clickhouse_table: str = "events"
     clickhouse_create_table: bool = True
     clickhouse_timeout: float = 30.0
@@ -64,7 +65,6 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     log_format: str = "text"
 
 
-DEFAULT_DSN = "http://localhost:8123/default"
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 _DURATION_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -226,7 +226,9 @@ class Setting:
 SETTINGS: tuple[Setting, ...] = (
     Setting("HTTP_HOST", "http_host", _text, "address to listen on"),
     Setting("HTTP_PORT", "http_port", _port, "port to listen on"),
-    Setting("CLICKHOUSE_DSN", "clickhouse", parse_dsn, "ClickHouse HTTP URL with user, password, database"),
+    Setting("CLICKHOUSE_DSN", "clickhouse", parse_dsn,
+            "ClickHouse HTTP URL with user, password, database; unset: the embedded store in DATA_DIR"),
+    Setting("DATA_DIR", "data_dir", _directory, "where the embedded store (CLICKHOUSE_DSN unset) keeps its data"),
     Setting("CLICKHOUSE_TABLE", "clickhouse_table", _table_name, "table the events go to"),
     Setting(
         "CLICKHOUSE_CREATE_TABLE", "clickhouse_create_table", _boolean,
@@ -288,7 +290,6 @@ def load_config(argv: Sequence[str] = (), environ: Mapping[str, str] | None = No
             detail = str(error) if setting.variable == "CLICKHOUSE_DSN" else _strip_value_noise(str(error), raw)
             where = f"{_flag(setting)} ({setting.variable})" if from_flag is not None else setting.variable
             raise ConfigError(f"invalid {where}={shown!r}: {detail}") from None
-    values.setdefault("clickhouse", parse_dsn(DEFAULT_DSN))
     if "ack_mode" not in values and values.get("spool_dir") is not None:
         values["ack_mode"] = "disk"
     config = Config(**values)

@@ -42,6 +42,7 @@ METRIC_LABELS: Mapping[str, tuple[str, ...]] = MappingProxyType({
     "clickhouse_inserts_total": ("result",),
     "events_dropped_total": ("reason",),
     "events_quarantined_total": ("destination",),
+    "clickhouse_backend_info": ("backend",),
     "clickpulse_build_info": ("version", "python"),
 })
 
@@ -206,6 +207,11 @@ class WriterMetrics:
             registry=registry,
         )
         self.memory_events.set({}, 0)
+        self.backend_info = Gauge(
+            "clickhouse_backend_info",
+            "1 for the backend the Writer uses: http (a ClickHouse server) or embedded (chDB in DATA_DIR).",
+            registry=registry,
+        )
 
 
 class SpoolMetrics:

@@ -30,6 +30,8 @@ NDJSON_TYPES = frozenset({"application/x-ndjson", "application/ndjson"})
 METHOD_LABELS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 REJECT_REASONS = ("invalid", "too_large", "unsupported_type", "overloaded", "shutting_down")
 ACK_MODES = ("memory", "disk", "clickhouse")
+LOOPBACK_ADDRESSES = frozenset({"127.0.0.1", "::1"})
+READ_ONLY_STATEMENTS = frozenset({"SELECT", "WITH", "SHOW", "DESCRIBE", "DESC", "EXISTS", "EXPLAIN"})
 
 # How long a request may wait for room under MAX_BUFFER_EVENTS before it is answered 503.
 ENQUEUE_WAIT_SECONDS = 1.0
@@ -58,6 +60,7 @@ class Receiver:
         spool: Spool | None,
         not_ready_reason: Callable[[], str | None],
         metrics: PipelineMetrics,
+        query: Callable[[str], Awaitable[str]] | None = None,
     ) -> None:
         self._max_body_bytes = max_body_bytes
         self._max_batch_events = max_batch_events
@@ -67,6 +70,7 @@ class Receiver:
         self._to_batcher = to_batcher
         self._spool = spool
         self._not_ready_reason = not_ready_reason
+        self._query = query
         self._metrics = metrics
         self._decoder = EventDecoder()
         self._encoder = RowEncoder()
@@ -80,6 +84,8 @@ class Receiver:
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/metrics", self.metrics)
+        if self._query is not None:
+            app.router.add_post("/query", self.run_query)
         return app
 
     def stop_intake(self) -> None:
@@ -189,6 +195,24 @@ class Receiver:
             return "clickhouse"
         mode = query.get("ack", self._ack_mode).lower()
         return mode if mode in ACK_MODES else None
+
+    async def run_query(self, request: web.Request) -> web.Response:
+        """Only with the embedded store, only from this machine, only statements that read: how
+        `python -m clickpulse query` reaches a store that the running service holds open."""
+        assert self._query is not None
+        if request.remote not in LOOPBACK_ADDRESSES:
+            return json_response(403, {"error": "queries are answered only from this machine"})
+        sql = (await request.text()).strip()
+        first_word = sql.split(None, 1)[0].upper() if sql else ""
+        if first_word not in READ_ONLY_STATEMENTS:
+            return json_response(400, {
+                "error": f"only statements that read: {', '.join(sorted(READ_ONLY_STATEMENTS))}",
+            })
+        try:
+            text = await self._query(sql)
+        except Exception as error:  # noqa: BLE001 - ClickHouse's own message is the answer
+            return json_response(400, {"error": str(error).strip().splitlines()[0] if str(error).strip() else repr(error)})
+        return web.Response(text=text, content_type="text/plain")
 
     async def healthz(self, request: web.Request) -> web.Response:
         return json_response(200, {"status": "ok"})

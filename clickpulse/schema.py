@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 # ORDER BY (event_type, created_at): analytics queries filter by event type and a time range,
@@ -133,9 +134,10 @@ def table_exists_query(database: str, table: str) -> str:
     )
 
 
-def insert_query(database: str, table: str, deduplication_token: str | None = None) -> str:
-    settings = f" SETTINGS insert_deduplication_token = {quote_string(deduplication_token)}" if deduplication_token else ""
-    return f"INSERT INTO {quote_identifier(database)}.{quote_identifier(table)}{settings} FORMAT JSONEachRow"
+def insert_query(database: str, table: str, settings: Mapping[str, str] | None = None) -> str:
+    clause = ", ".join(f"{name} = {quote_string(value)}" for name, value in (settings or {}).items())
+    settings_clause = f" SETTINGS {clause}" if clause else ""
+    return f"INSERT INTO {quote_identifier(database)}.{quote_identifier(table)}{settings_clause} FORMAT JSONEachRow"
 
 
 def init_script(database: str, table: str) -> str:

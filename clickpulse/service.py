@@ -15,6 +15,7 @@ from aiohttp import web
 from aioprometheus import Registry
 
 from clickpulse.batcher import Batcher
+from clickpulse.clickhouse import ClickHouseConnection, EmbeddedClickHouse, HttpClickHouse
 from clickpulse.config import Config
 from clickpulse.memory_limit import MemoryLimit
 from clickpulse.messages import Delivery
@@ -44,6 +45,7 @@ class Service:
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self.connection: ClickHouseConnection | None = None
         self.memory: MemoryLimit | None = None
         self.spool: Spool | None = None
         self.writer: Writer | None = None
@@ -65,13 +67,20 @@ class Service:
                 deliver=self._deliver_to_batcher,
                 metrics=self.metrics.spool,
             )
+        # First, so that a missing chdb or a busy DATA_DIR stops the start before anything opens.
+        embedded = EmbeddedClickHouse(config.data_dir) if config.clickhouse is None else None
         # Every ClickHouse request has its own time limit (CLICKHOUSE_TIMEOUT) in the Writer.
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
+        if config.clickhouse is None:
+            self.connection, database = embedded, "default"
+        else:
+            self.connection = HttpClickHouse(config.clickhouse, self._session)
+            database = config.clickhouse.database
         self.writer = Writer(
-            target=config.clickhouse,
+            connection=self.connection,
+            database=database,
             table=config.clickhouse_table,
             create_table=config.clickhouse_create_table,
-            session=self._session,
             timeout=config.clickhouse_timeout,
             metrics=self.metrics.writer,
             memory=self.memory,
@@ -102,6 +111,7 @@ class Service:
             spool=self.spool,
             not_ready_reason=self.not_ready_reason,
             metrics=self.metrics,
+            query=self.writer.query if embedded is not None else None,
         )
         self._runner = web.AppRunner(
             self.receiver.build_app(), access_log=None, handle_signals=False, shutdown_timeout=HTTP_DRAIN_SECONDS
@@ -110,9 +120,12 @@ class Service:
         site = web.TCPSite(self._runner, config.http_host, config.http_port)
         await site.start()
         self.port = self._runner.addresses[0][1]  # the real port when HTTP_PORT=0
+        if embedded is not None:
+            local_host = "127.0.0.1" if config.http_host in ("0.0.0.0", "::", "") else config.http_host
+            embedded.lock.advertise(f"http://{local_host}:{self.port}")
         log.info(
-            "clickpulse listening on http://%s:%d, writing to %s table %s; ack mode %s, %s",
-            config.http_host, self.port, config.clickhouse.redacted, config.clickhouse_table, config.ack_mode,
+            "clickpulse listening on http://%s:%d, writing to %s, table %s; ack mode %s, %s",
+            config.http_host, self.port, self.connection.description, config.clickhouse_table, config.ack_mode,
             f"spool in {config.spool_dir}" if config.spool_dir else "no spool (events are held in memory only)",
         )
 
@@ -170,6 +183,7 @@ class Service:
             log.error("shutdown: %d acknowledged events were NOT written to ClickHouse", lost)
         else:
             log.info("shutdown: every acknowledged event was written")
+        await self.connection.close()
         await self._session.close()
         return lost
 

@@ -1,7 +1,7 @@
 """The Writer actor: owns the ClickHouse client and does one INSERT per batch.
 
-A batch's body is its requests' JSONEachRow lines joined once, sent with aiochclient's
-`insert_file`. A failure is classified: connection trouble, time-outs and server-side errors are
+A batch's body is its requests' JSONEachRow lines joined once, sent as one INSERT through the
+Writer's connection (aiochclient's `insert_file` over HTTP, or chDB in-process; see clickhouse.py). A failure is classified: connection trouble, time-outs and server-side errors are
 retried with exponential backoff and full jitter for as long as the process runs, so a
 ClickHouse outage delays rows instead of losing them (and, through MAX_BUFFER_EVENTS, makes
 intake answer 503 or spool to disk). Where the server supports it, every insert carries a
@@ -29,9 +29,9 @@ from pathlib import Path
 
 import aiohttp
 import msgspec
-from aiochclient import ChClient, ChClientError
+from aiochclient import ChClientError
 
-from clickpulse.config import ClickHouseTarget
+from clickpulse.clickhouse import ClickHouseConnection
 from clickpulse.memory_limit import MemoryLimit
 from clickpulse.messages import Batch, RowsRejected
 from clickpulse.metrics import WriterMetrics
@@ -39,7 +39,6 @@ from clickpulse.schema import (
     ServerCapabilities,
     capabilities_for,
     database_ddl,
-    insert_query,
     quarantine_ddl,
     quarantine_table,
     table_ddl,
@@ -60,8 +59,6 @@ _REJECTED_DATA_CODES = frozenset({6, 25, 26, 27, 38, 41, 53, 69, 70, 72, 117, 13
 _MISSING_SCHEMA_CODES = frozenset({60, 81})  # UNKNOWN_TABLE, UNKNOWN_DATABASE
 _ERROR_CODE = re.compile(r"Code:\s*(\d+)")
 
-# ClickHouse may parse ISO 8601 timestamps with offsets only in best-effort mode on old servers.
-INSERT_SETTINGS = {"date_time_input_format": "best_effort"}
 BACKOFF_BASE_SECONDS = 0.1
 BACKOFF_CAP_SECONDS = 5.0
 HEALTH_CHECK_SECONDS = 5.0
@@ -96,7 +93,8 @@ def classify_error(error: BaseException) -> InsertFailure:
         return InsertFailure("timeout", True, "ClickHouse did not answer in time")
     if isinstance(error, (aiohttp.ClientError, OSError)):
         return InsertFailure("connection", True, f"{type(error).__name__}: {error}")
-    if isinstance(error, ChClientError):
+    # aiochclient raises ChClientError, chDB a RuntimeError; both carry ClickHouse's own text.
+    if isinstance(error, (ChClientError, RuntimeError)):
         text = str(error).strip()
         match = _ERROR_CODE.search(text)
         code = int(match.group(1)) if match else None
@@ -129,14 +127,15 @@ _STOP = _Stop()
 
 
 class Writer:
-    """Owns the ChClient and the batches handed to it. Talk to it through `submit()`/`stop()`."""
+    """Owns the ClickHouse connection (HTTP or embedded) and the batches handed to it.
+    Talk to it through `submit()`/`stop()`."""
 
     def __init__(
         self,
         *,
-        target: ClickHouseTarget,
+        connection: ClickHouseConnection,
+        database: str,
         table: str,
-        session: aiohttp.ClientSession,
         timeout: float,
         metrics: WriterMetrics,
         memory: MemoryLimit,
@@ -146,10 +145,10 @@ class Writer:
         inflight_batches: int = 2,
         create_table: bool = True,
     ) -> None:
-        self._target = target
+        self._connection = connection
+        self._database = database
         self._table = table
         self._create_table = create_table
-        self._session = session
         self._timeout = timeout
         self._metrics = metrics
         self._memory = memory
@@ -157,8 +156,6 @@ class Writer:
         self._quarantine_directory = quarantine_directory
         self._ready_grace = ready_grace
         self._mailbox: asyncio.Queue[Batch | _Stop] = asyncio.Queue(maxsize=inflight_batches)
-        self._client = self._new_client()
-        self._insert_client = self._new_client(**INSERT_SETTINGS)
         self._capabilities: ServerCapabilities | None = None
         self._schema_ready = False
         self._last_ok_at: float | None = None
@@ -176,6 +173,7 @@ class Writer:
             metrics.events_dropped.add({"reason": reason}, 0)
         for destination in QUARANTINE_DESTINATIONS:
             metrics.quarantined.add({"destination": destination}, 0)
+        metrics.backend_info.set({"backend": connection.backend}, 1)
 
     # -- messages ---------------------------------------------------------------------------
 
@@ -202,12 +200,19 @@ class Writer:
 
     def not_ready_reason(self) -> str | None:
         """None when ClickHouse answered within the grace time and the schema exists."""
+        where = self._connection.description
         if not self._schema_ready or self._last_ok_at is None:
-            return f"clickhouse not reachable: {self._last_error}"
+            return f"clickhouse not reachable ({where}): {self._last_error}"
         age = asyncio.get_running_loop().time() - self._last_ok_at
         if age > self._ready_grace:
-            return f"clickhouse has not answered for {age:.0f}s: {self._last_error}"
+            return f"clickhouse has not answered for {age:.0f}s ({where}): {self._last_error}"
         return None
+
+    async def query(self, sql: str) -> str:
+        """Runs a read-only statement for `python -m clickpulse query`, as a table of text. Through
+        the Writer because the embedded store admits one user: its own connection."""
+        async with asyncio.timeout(self._timeout):
+            return await self._connection.query_text(sql, self._database)
 
     # -- the task ---------------------------------------------------------------------------
 
@@ -247,7 +252,7 @@ class Writer:
             except Exception as error:  # noqa: BLE001 - every failure here is retried
                 failure = self._record_failure(error)
                 delay = backoff_seconds(attempt)
-                log.warning("ClickHouse at %s not ready (%s); retrying in %.1fs", self._target.redacted, failure.detail, delay)
+                log.warning("%s not ready (%s); retrying in %.1fs", self._connection.description, failure.detail, delay)
                 attempt += 1
                 await self._sleep_unless_stopped(delay)
 
@@ -260,17 +265,18 @@ class Writer:
             await asyncio.wait_for(self._stop_requested.wait(), delay)
 
     async def _ensure_schema(self) -> None:
+        connection = self._connection
         async with asyncio.timeout(self._timeout):
-            version = await self._client.fetchval("SELECT version()")
-        capabilities = capabilities_for(str(version))
-        ddl_client = self._new_client(**capabilities.create_settings)
-        database = self._target.database
+            version = await connection.query_value("SELECT version()")
+        capabilities = capabilities_for(version)
+        database = self._database
+        settings = capabilities.create_settings
         async with asyncio.timeout(self._timeout):
             if self._create_table:
-                await ddl_client.execute(database_ddl(database))
-                await ddl_client.execute(table_ddl(database, self._table, capabilities))
-                await ddl_client.execute(quarantine_ddl(database, self._table))
-            elif not await self._client.fetchval(table_exists_query(database, self._table)):
+                await connection.execute(database_ddl(database), settings)
+                await connection.execute(table_ddl(database, self._table, capabilities), settings)
+                await connection.execute(quarantine_ddl(database, self._table), settings)
+            elif not int(await connection.query_value(table_exists_query(database, self._table))):
                 # Creating it here would make a plain MergeTree table where a Distributed (or any
                 # other) table was meant to be, and the user may lack the CREATE grant anyway.
                 raise TableMissing(
@@ -279,9 +285,9 @@ class Writer:
                 )
         if self._capabilities != capabilities:
             log.info(
-                "ClickHouse %s at %s: table %s.%s ready (created_at %s, insert deduplication %s)",
+                "ClickHouse %s, %s: table %s.%s ready (created_at %s, insert deduplication %s)",
                 capabilities.version,
-                self._target.redacted,
+                connection.description,
                 database,
                 self._table,
                 capabilities.timestamp_type,
@@ -294,7 +300,7 @@ class Writer:
     async def _health_check(self) -> None:
         try:
             async with asyncio.timeout(self._timeout):
-                await self._client.fetchval("SELECT 1")
+                await self._connection.query_value("SELECT 1")
         except Exception as error:  # noqa: BLE001 - reported through readiness and metrics
             self._record_failure(error)
         else:
@@ -351,7 +357,7 @@ class Writer:
                 assert self._capabilities is not None
                 token = deduplication_token(body) if self._capabilities.deduplicates_inserts else None
                 async with asyncio.timeout(self._timeout):
-                    await self._insert_client.insert_file(insert_query(self._target.database, self._table, token), body)
+                    await self._connection.insert(self._database, self._table, body, token)
             except Exception as error:  # noqa: BLE001 - classified below, never lost silently
                 self._metrics.insert_duration.observe({}, loop.time() - started)
                 self._metrics.inserts.inc({"result": "error"})
@@ -384,11 +390,10 @@ class Writer:
         now = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
         rows = [QuarantineRow(now, error, line.decode(errors="replace")) for _, line, error in rejected]
         body = msgspec.json.Encoder().encode_lines(rows)
-        query = insert_query(self._target.database, quarantine_table(self._table))
         for attempt in range(QUARANTINE_ATTEMPTS):
             try:
                 async with asyncio.timeout(self._timeout):
-                    await self._insert_client.insert_file(query, body)
+                    await self._connection.insert(self._database, quarantine_table(self._table), body, None)
             except Exception as error:  # noqa: BLE001 - the file is the fallback
                 last_error = classify_error(error).detail
                 await asyncio.sleep(backoff_seconds(attempt))
@@ -436,16 +441,6 @@ class Writer:
             first_row += delivery.count
 
     # -- bookkeeping ------------------------------------------------------------------------
-
-    def _new_client(self, **settings: object) -> ChClient:
-        return ChClient(
-            self._session,
-            url=self._target.url,
-            user=self._target.user,
-            password=self._target.password,
-            database=None,  # every query names its database, which may not exist yet
-            **settings,
-        )
 
     def _record_failure(self, error: BaseException) -> InsertFailure:
         failure = classify_error(error)

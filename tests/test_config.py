@@ -143,10 +143,10 @@ def test_target_repr_and_str_hide_the_password() -> None:
 def test_load_config_defaults_without_flags_or_environment() -> None:
     config = load_config([], {})
 
-    assert config == Config(clickhouse=parse_dsn("http://localhost:8123/default"))
+    assert config == Config()
     assert config.http_port == 8080
-    assert config.clickhouse.url == "http://localhost:8123/"
-    assert config.clickhouse.database == "default"
+    assert config.clickhouse is None  # no DSN: the embedded store
+    assert config.data_dir == Path("clickpulse-data")
 
 
 def test_environment_overrides_defaults() -> None:
@@ -207,6 +207,7 @@ BAD_VALUES = {
     "LOG_FORMAT": "xml",
     "CLICKHOUSE_CREATE_TABLE": "maybe",
     "SPOOL_DIR": "   ",
+    "DATA_DIR": "   ",
     "SPOOL_MAX_BYTES": "10XB",
     "ACK_MODE": "eventually",
     "ACK_TIMEOUT": "0",

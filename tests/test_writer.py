@@ -125,10 +125,19 @@ def test_very_long_server_error_detail_is_shortened() -> None:
 
 
 def test_unexpected_exception_is_a_retryable_server_failure() -> None:
-    failure = classify_error(RuntimeError("something odd"))
+    failure = classify_error(KeyError("something odd"))
 
     assert (failure.kind, failure.retryable) == ("server", True)
-    assert "RuntimeError" in failure.detail
+    assert "KeyError" in failure.detail
+
+
+def test_an_embedded_store_error_is_classified_by_its_clickhouse_code() -> None:
+    # chDB raises RuntimeError subclasses carrying ClickHouse's own text.
+    rejected = classify_error(RuntimeError("Code: 27. DB::Exception: Cannot parse input: expected '\"' (CANNOT_PARSE_INPUT_ASSERTION_FAILED)"))
+    missing = classify_error(RuntimeError("Code: 60. DB::Exception: Unknown table expression identifier 'events'"))
+
+    assert (rejected.kind, rejected.retryable) == ("rejected", False)
+    assert (missing.kind, missing.retryable) == ("schema", True)
 
 
 # -- backoff_seconds --------------------------------------------------------------------------
@@ -238,8 +247,23 @@ class FakeClickHouse:
     inserts: list[tuple[str, bytes]] = field(default_factory=list)
     quarantined: list[bytes] = field(default_factory=list)
 
-    async def insert_file(self, query: str, body: bytes) -> None:
-        if "_quarantine" in query:
+    backend = "http"
+    description = "a fake ClickHouse"
+
+    async def query_value(self, sql: str) -> str:
+        return "1"
+
+    async def execute(self, sql: str, settings: object) -> None:
+        pass
+
+    async def query_text(self, sql: str, database: str) -> str:
+        return ""
+
+    async def close(self) -> None:
+        pass
+
+    async def insert(self, database: str, table: str, body: bytes, deduplication_token: str | None) -> None:
+        if table.endswith("_quarantine"):
             if self.quarantine_fails:
                 raise aiohttp.ClientOSError(111, "Connection refused")
             self.quarantined.append(body)
@@ -249,7 +273,7 @@ class FakeClickHouse:
             raise aiohttp.ClientOSError(104, "Connection reset by peer")
         if b'"bad"' in body:
             raise ChClientError(REJECTION)
-        self.inserts.append((query, body))
+        self.inserts.append((deduplication_token, body))
 
     @property
     def inserted_rows(self) -> list[bytes]:
@@ -294,9 +318,9 @@ def make_writer(session: aiohttp.ClientSession, clickhouse: FakeClickHouse, quar
     memory = MemoryLimit(1000)
     spool = FakeSpool()
     writer = Writer(
-        target=parse_dsn("http://clickhouse.invalid:8123/analytics"),
+        connection=clickhouse,
+        database="analytics",
         table="events",
-        session=session,
         timeout=1.0,
         metrics=metrics,
         memory=memory,
@@ -304,7 +328,6 @@ def make_writer(session: aiohttp.ClientSession, clickhouse: FakeClickHouse, quar
         quarantine_directory=quarantine_directory,
     )
     # As if _connect() had found a server that supports deduplication tokens.
-    writer._insert_client = clickhouse  # type: ignore[assignment]
     writer._capabilities = capabilities_for("24.8.1.1")
     writer._schema_ready = True
     return WriterHarness(writer, clickhouse, spool, memory, metrics)
@@ -385,9 +408,9 @@ async def test_write_inserts_a_clean_batch_once_with_its_token_and_confirms_it(s
 
     batch = await write(harness, [first, second])
 
-    [(query, body)] = harness.clickhouse.inserts
+    [(token, body)] = harness.clickhouse.inserts
     assert body == first.rows + second.rows
-    assert f"insert_deduplication_token = '{deduplication_token(body)}'" in query
+    assert token == deduplication_token(body)
     assert first.confirmation is not None and first.confirmation.result() == 2
     assert second.confirmation is not None and second.confirmation.result() == 1
     assert harness.spool.calls == [("begin_insert", batch), ("confirm", batch)]
@@ -404,8 +427,8 @@ async def test_write_bisects_a_rejected_batch_and_quarantines_only_the_bad_row(s
     batch = await write(harness, [clean, mixed, unwatched])
 
     assert sorted(harness.clickhouse.inserted_rows) == sorted(row(f"good{index}").strip() for index in range(5))
-    for query, body in harness.clickhouse.inserts:  # every partial insert carries its own token
-        assert deduplication_token(body) in query
+    for token, body in harness.clickhouse.inserts:  # every partial insert carries its own token
+        assert token == deduplication_token(body)
     [quarantine_body] = harness.clickhouse.quarantined
     [quarantined] = [msgspec.json.decode(line) for line in quarantine_body.splitlines()]
     assert quarantined["row"] == row("bad").decode().strip()
@@ -429,8 +452,8 @@ async def test_write_retries_transient_failures_with_the_same_token(
 
     await write(harness, [waiting])
 
-    [(query, body)] = harness.clickhouse.inserts
-    assert deduplication_token(waiting.rows) in query
+    [(token, body)] = harness.clickhouse.inserts
+    assert token == deduplication_token(waiting.rows)
     assert harness.metrics.retries.get({}) == 3
     assert harness.metrics.insert_errors.get({"kind": "connection"}) == 3
     assert waiting.confirmation is not None and waiting.confirmation.result() == 2

@@ -9,7 +9,7 @@ import pytest
 
 from clickpulse.events import EventDecoder, RowEncoder
 from clickpulse.schema import capabilities_for, database_ddl, insert_query, table_ddl
-from clickpulse.writer import INSERT_SETTINGS
+from clickpulse.clickhouse import INSERT_SETTINGS
 from tests.conftest import skip_or_fail
 
 pytestmark = pytest.mark.integration
@@ -41,8 +41,7 @@ def test_modern_ddl_and_rows_keep_milliseconds_in_utc(chdb_session) -> None:
     ])
     events = EventDecoder().decode_ndjson(body)
     rows = RowEncoder().encode(events)
-    settings = ", ".join(f"{name}='{value}'" for name, value in INSERT_SETTINGS.items())
-    query = insert_query("analytics", "events").replace(" FORMAT", f" SETTINGS {settings} FORMAT")
+    query = insert_query("analytics", "events", INSERT_SETTINGS)
     chdb_session.query(query + "\n" + rows.decode())
 
     result = chdb_session.query(
@@ -77,11 +76,9 @@ def test_a_repeated_insert_with_the_same_token_is_stored_once(chdb_session) -> N
         b'{"event_type":"b","source":"web","created_at":"2024-05-01T00:00:01Z"}\n'
     )
     body = RowEncoder().encode(events)
-    settings = ", ".join(f"{name}='{value}'" for name, value in INSERT_SETTINGS.items())
-
     def insert(rows: bytes) -> None:
-        query = insert_query("analytics", "events", deduplication_token(rows))
-        chdb_session.query(query.replace(" FORMAT", f", {settings} FORMAT") + "\n" + rows.decode())
+        query = insert_query("analytics", "events", {**INSERT_SETTINGS, "insert_deduplication_token": deduplication_token(rows)})
+        chdb_session.query(query + "\n" + rows.decode())
 
     insert(body)
     insert(body)  # a retry after a lost answer, or a replay after a crash

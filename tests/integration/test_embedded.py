@@ -1,0 +1,142 @@
+"""The embedded store (CLICKHOUSE_DSN unset): real `python -m clickpulse` processes writing to chDB
+in a temp DATA_DIR, read back with `python -m clickpulse query` while running and after a stop."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.conftest import skip_or_fail
+from tests.integration.conftest import ServiceProcess, eventually, make_event, metric_samples
+
+pytestmark = pytest.mark.integration
+
+AWKWARD = ['quote " and \\ backslash', "new\nline\ttab", "emoji 😀 中文", "nul\x00byte"]
+
+
+@pytest.fixture(autouse=True)
+def needs_chdb() -> None:
+    try:
+        import chdb  # noqa: F401
+    except ImportError:
+        skip_or_fail("chdb is not installed (pip install -e '.[test]')")
+
+
+def query(env: dict[str, str], data_dir: Path, sql: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "clickpulse", "query", sql], env={**env, "DATA_DIR": str(data_dir)},
+        capture_output=True, text=True, timeout=60,
+    )
+
+
+def json_rows(result: subprocess.CompletedProcess[str]) -> list[dict]:
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+
+
+async def post(http: aiohttp.ClientSession, service: ServiceProcess, events: object, query_string: str = "") -> int:
+    async with http.post(service.url + "/events" + query_string, json=events) as response:
+        return response.status
+
+
+async def test_events_land_in_chdb_and_the_query_command_reads_them_running_and_stopped(
+    start_service, python_env: dict[str, str], tmp_path: Path
+) -> None:
+    data_dir = tmp_path / "data"
+    service = start_service(DATA_DIR=str(data_dir), FLUSH_INTERVAL="100ms")
+    events = [make_event(i, event_type=text, source=text, properties={"text": text}) for i, text in enumerate(AWKWARD)]
+    async with aiohttp.ClientSession() as http:
+        await eventually(lambda: service.is_ready(http), timeout=60)
+        assert await post(http, service, make_event(100, event_type="single")) == 202
+        assert await post(http, service, events) == 202
+        assert await post(http, service, [make_event(200 + i, event_type="batch") for i in range(50)], "?wait=true") == 200
+        async with http.get(service.url + "/metrics") as response:
+            samples = metric_samples(await response.text())
+
+        def running_count() -> int:
+            result = query(python_env, data_dir, "SELECT count() FROM events FORMAT JSONEachRow")
+            return json_rows(result)[0]["count()"] if result.returncode == 0 else 0
+
+        # While the service holds DATA_DIR, `query` goes through it.
+        await eventually(lambda: int(running_count()) == 55 or None, timeout=30, interval=0.5)
+        refused = query(python_env, data_dir, "DROP TABLE events")
+    assert samples['clickhouse_backend_info{backend="embedded"}'] == 1
+    assert refused.returncode == 1 and "only statements that read" in refused.stderr
+    service.process.send_signal(signal.SIGTERM)
+    assert await service.wait_exit(60) == 0
+    assert "embedded ClickHouse (chDB)" in service.log and str(data_dir.resolve()) in service.log
+
+    # Stopped: `query` opens the directory itself; everything is still there.
+    counts = json_rows(query(python_env, data_dir, "SELECT event_type, count() AS n FROM events GROUP BY event_type FORMAT JSONEachRow"))
+    by_type = {row["event_type"]: int(row["n"]) for row in counts}
+    assert by_type["single"] == 1 and by_type["batch"] == 50
+    stored = json_rows(query(python_env, data_dir, "SELECT source, properties FROM events WHERE value < 10 ORDER BY value FORMAT JSONEachRow"))
+    assert [row["source"] for row in stored] == AWKWARD
+    assert [json.loads(row["properties"])["text"] for row in stored] == AWKWARD
+    ddl = json_rows(query(python_env, data_dir, "SHOW CREATE TABLE events FORMAT JSONEachRow"))[0]["statement"]
+    assert "DateTime64(3, 'UTC')" in ddl and "LowCardinality(String)" in ddl
+    assert "non_replicated_deduplication_window" in ddl
+    table = query(python_env, data_dir, "SELECT event_type FROM events WHERE event_type = 'single'")
+    assert table.returncode == 0 and "single" in table.stdout and "┌" in table.stdout  # a table for people
+
+
+async def test_spooled_disk_acks_survive_sigkill_on_the_embedded_store(
+    start_service, python_env: dict[str, str], tmp_path: Path
+) -> None:
+    settings = dict(DATA_DIR=str(tmp_path / "data"), SPOOL_DIR=str(tmp_path / "spool"), FLUSH_INTERVAL="1h")
+    first = start_service(**settings)
+    acknowledged = []
+    async with aiohttp.ClientSession() as http:
+        await eventually(lambda: first.is_ready(http), timeout=60)
+        for index in range(5):
+            events = [make_event(index, event_id=str(uuid.uuid4())) for _ in range(10)]
+            assert await post(http, first, events, "?ack=disk") == 202
+            acknowledged += [event["event_id"] for event in events]
+        first.process.send_signal(signal.SIGKILL)
+        await first.wait_exit(10)
+        second = start_service(**{**settings, "FLUSH_INTERVAL": "100ms"})
+        await eventually(lambda: second.is_ready(http), timeout=60)
+        async with http.get(second.url + "/metrics") as response:
+            assert metric_samples(await response.text())["spool_replayed_events_total"] == 50
+    second.process.send_signal(signal.SIGTERM)
+    assert await second.wait_exit(60) == 0
+    stored = json_rows(query(python_env, tmp_path / "data", "SELECT toString(event_id) AS id FROM events FORMAT JSONEachRow"))
+    assert sorted(row["id"] for row in stored) == sorted(acknowledged)
+
+
+async def test_a_second_service_on_the_same_data_dir_exits_2_naming_the_first(
+    start_service, python_env: dict[str, str], tmp_path: Path
+) -> None:
+    first = start_service(DATA_DIR=str(tmp_path / "data"))
+    async with aiohttp.ClientSession() as http:
+        await eventually(lambda: first.is_ready(http), timeout=60)
+    second = subprocess.run(
+        [sys.executable, "-m", "clickpulse"], env={**python_env, "DATA_DIR": str(tmp_path / "data"), "HTTP_PORT": "0"},
+        capture_output=True, text=True, timeout=60,
+    )
+    assert second.returncode == 2
+    [line] = [line for line in second.stderr.splitlines() if line.startswith("clickpulse:")]
+    assert "in use by another clickpulse" in line and str(first.process.pid) in line
+    assert "Traceback" not in second.stderr
+    first.process.send_signal(signal.SIGTERM)
+    assert await first.wait_exit(60) == 0
+
+
+def test_without_a_dsn_and_without_chdb_it_exits_2_with_one_line(python_env: dict[str, str], tmp_path: Path) -> None:
+    blocker = tmp_path / "site" / "chdb"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('chdb is not installed here')\n")
+    env = {**python_env, "PYTHONPATH": f"{tmp_path / 'site'}:{python_env['PYTHONPATH']}", "DATA_DIR": str(tmp_path / "data")}
+    result = subprocess.run([sys.executable, "-m", "clickpulse"], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "clickpulse: CLICKHOUSE_DSN is unset and the embedded store needs chdb: pip install 'clickpulse[embedded]', "
+        "or set CLICKHOUSE_DSN to a ClickHouse server"
+    ]
