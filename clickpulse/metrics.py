@@ -219,6 +219,11 @@ class SpoolMetrics:
 
     def __init__(self, registry: Registry) -> None:
         self.bytes = Gauge("spool_bytes", "Bytes of spool segment files on disk.", registry=registry)
+        self.capacity_bytes = Gauge(
+            "spool_capacity_bytes",
+            "SPOOL_MAX_BYTES: the most bytes the spool may use on disk (beyond, 503); 0 when there is no spool.",
+            registry=registry,
+        )
         self.segments = Gauge("spool_segments", "Spool segment files on disk.", registry=registry)
         self.unconfirmed_events = Gauge(
             "spool_unconfirmed_events", "Events in the spool that ClickHouse has not confirmed yet.", registry=registry
@@ -247,7 +252,8 @@ class SpoolMetrics:
             registry,
             LATENCY_BUCKETS,
         )
-        for gauge in (self.bytes, self.segments, self.unconfirmed_events, self.oldest_unconfirmed_timestamp):
+        for gauge in (self.bytes, self.capacity_bytes, self.segments, self.unconfirmed_events,
+                      self.oldest_unconfirmed_timestamp):
             gauge.set({}, 0)
 
 

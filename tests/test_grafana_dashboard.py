@@ -115,10 +115,33 @@ def test_the_panels_the_issue_asks_for_are_there() -> None:
         "Held events vs capacity", "Oldest held event age", "Flushes/s by trigger", "Batch rows distribution",
         "Insert duration", "Rows written/s", "Insert errors/s by kind", "Freshness: receipt → confirmed insert",
         "Resident memory", "CPU",
+        # The spool, retries and quarantine, which came after the first dashboard.
+        "Spool size vs capacity", "Spool fill", "Unconfirmed events: spool and memory", "Oldest unconfirmed event age",
+        "Spool fsync duration", "Replayed events and corrupt records at start", "ClickHouse backend",
+        "Insert retries/s", "Quarantined events/s by destination", "Spool write errors and full rejections/s",
     } <= titles
     rows = [each["title"] for each in BOARD["panels"] if each["type"] == "row"]
     assert rows == ["Overview", "Receiver: HTTP intake", "Batcher: mailbox, buffer, flushes",
-                    "Writer: ClickHouse inserts", "End to end", "Process"]
+                    "Writer: ClickHouse inserts", "End to end", "Reliability: spool, retries, quarantine", "Process"]
+
+
+def test_the_spool_only_panels_are_marked_and_select_only_spool_metrics() -> None:
+    # Without a spool these show "No data"; the integration test runs without one too and holds
+    # every other panel to returning data, and these to returning none.
+    note = dashboard_generator().SPOOL_ONLY
+    spool_only = [each for each in PANELS if each["description"].endswith(note)]
+    assert {each["title"] for each in spool_only} == {"Spool fill", "Spool fsync duration"}
+    for each in spool_only:
+        for target in each["targets"]:
+            assert all(name.startswith("spool_") for name in selected_metrics(target["expr"])), each["title"]
+
+
+def test_the_oldest_unconfirmed_age_is_zero_rather_than_the_epoch_when_nothing_waits() -> None:
+    # The timestamp is 0 without a spool and with an empty one; time() - 0 would draw 56 years.
+    (panel,) = panels_titled("Oldest unconfirmed event age")
+    (target,) = panel["targets"]
+    timestamp = 'spool_oldest_unconfirmed_timestamp_seconds{instance=~"$instance"}'
+    assert target["expr"] == f"(time() - {timestamp}) * ({timestamp} > bool 0)"
 
 
 def test_every_panel_has_a_unit_and_thresholds() -> None:
@@ -137,11 +160,13 @@ def test_every_panel_has_a_unit_and_thresholds() -> None:
         ("POST /events latency", "ClickPulseLatencyTooHigh"),
         ("Freshness: receipt → confirmed insert", "ClickPulseFreshnessTooHigh"),
         ("Buffer fill", "ClickPulseBufferNearlyFull"),
+        ("Spool fill", "ClickPulseSpoolNearlyFull"),
+        ("Oldest unconfirmed event age", "ClickPulseUnconfirmedTooOld"),
     ],
 )
 def test_a_panel_draws_its_alert_threshold_in_red(title: str, alert: str) -> None:
     (rule,) = [rule for rule in alert_rules() if rule["alert"] == alert]
-    (comparison,) = alert_comparisons(rule["expr"])
+    comparison, *_guards = alert_comparisons(rule["expr"])  # the first operand is what the alert measures
     for each in panels_titled(title):  # the overview's stat and the stage's time series
         steps = each["fieldConfig"]["defaults"]["thresholds"]["steps"]
         assert {"color": "red", "value": comparison.threshold} in steps, each["type"]

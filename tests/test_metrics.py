@@ -70,6 +70,17 @@ def test_the_oldest_event_age_is_zero_without_a_batcher() -> None:
     assert metrics.oldest_event_age.get({}) == 0
 
 
+def test_every_spool_gauge_is_zero_without_a_spool() -> None:
+    # The Service sets spool_capacity_bytes to SPOOL_MAX_BYTES when it builds a Spool (the
+    # integration test reads it back through Prometheus); 0 is how dashboards and alerts tell
+    # an instance without one.
+    samples = rendered(PipelineMetrics())
+
+    for name in ("spool_bytes", "spool_capacity_bytes", "spool_segments", "spool_unconfirmed_events",
+                 "spool_oldest_unconfirmed_timestamp_seconds"):
+        assert samples[name] == 0, name
+
+
 # -- process metrics ---------------------------------------------------------------------------
 
 

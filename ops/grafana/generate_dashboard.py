@@ -26,6 +26,10 @@ GRID_WIDTH = 24
 PANEL_HEIGHT = 8
 STAT_HEIGHT = 4
 
+# Ends the description of every panel that has data only with a spool (SPOOL_DIR set): without
+# one these show "No data" by design, and the integration test expects exactly that of them.
+SPOOL_ONLY = "No data without a spool (SPOOL_DIR unset)."
+
 # Every metric selector carries this matcher, so the instance variable filters every panel.
 INSTANCE = 'instance=~"$instance"'
 RATE = "[$__rate_interval]"
@@ -174,6 +178,15 @@ def series_override(name_regex: str, **properties: Any) -> JsonObject:
     }
 
 
+def dashed_limit(name_regex: str, color: str = "red") -> JsonObject:
+    """A series drawn as a dashed line over the others: a configured limit, not a measurement."""
+    return series_override(
+        name_regex,
+        **{"custom.stacking": {"mode": "none", "group": "A"}, "custom.fillOpacity": 0,
+           "custom.lineStyle": {"fill": "dash", "dash": [10, 10]}, "color": {"mode": "fixed", "fixedColor": color}},
+    )
+
+
 # -- the rows ---------------------------------------------------------------------------------
 
 POST_EVENTS = ('method="POST"', 'path="/events"')
@@ -278,11 +291,7 @@ def batcher_row() -> list[JsonObject]:
                 target(f"sum({selector('buffer_capacity_events')})", "capacity"),
             ],
             unit="short", stacked=True,
-            overrides=[series_override(
-                "capacity",
-                **{"custom.stacking": {"mode": "none", "group": "A"}, "custom.fillOpacity": 0,
-                   "custom.lineStyle": {"fill": "dash", "dash": [10, 10]}, "color": {"mode": "fixed", "fixedColor": "red"}},
-            )],
+            overrides=[dashed_limit("capacity")],
         ),
         timeseries(
             "Buffer fill",
@@ -385,6 +394,106 @@ def end_to_end_row() -> list[JsonObject]:
     ]
 
 
+def oldest_unconfirmed_age() -> str:
+    """Seconds since the oldest unconfirmed spooled event was received; 0 when the spool holds
+    none and when there is no spool (the timestamp is 0 then, and `time() - 0` is no age)."""
+    timestamp = selector("spool_oldest_unconfirmed_timestamp_seconds")
+    return f"(time() - {timestamp}) * ({timestamp} > bool 0)"
+
+
+def reliability_row() -> list[JsonObject]:
+    return [
+        timeseries(
+            "Spool size vs capacity",
+            "Bytes of spool segment files on disk per instance, against SPOOL_MAX_BYTES (dashed). The spool "
+            "grows while ClickHouse does not confirm events and shrinks segment by segment as it catches up; "
+            "at SPOOL_MAX_BYTES POST /events answers 503. Both are 0 without a spool.",
+            [
+                target(selector("spool_bytes"), "{{instance}} on disk"),
+                target(selector("spool_capacity_bytes"), "{{instance}} SPOOL_MAX_BYTES"),
+            ],
+            unit="bytes",
+            overrides=[dashed_limit(".* SPOOL_MAX_BYTES")],
+        ),
+        timeseries(
+            "Spool fill",
+            "Spool bytes on disk as a share of SPOOL_MAX_BYTES. At 100% POST /events answers 503; at 90% "
+            "/readyz reports not ready. Alert: above 80% for 5m. " + SPOOL_ONLY,
+            [target(f"{selector('spool_bytes')} / ({selector('spool_capacity_bytes')} > 0)", "{{instance}}")],
+            unit="percentunit", max_value=1, threshold_steps=(("orange", 0.5), ("red", 0.8)),
+        ),
+        timeseries(
+            "Unconfirmed events: spool and memory",
+            "Events in the spool that ClickHouse has not confirmed yet (0 without a spool), and events held in "
+            "memory anywhere in the pipeline against MAX_BUFFER_EVENTS (dashed). With a spool, what does not "
+            "fit in memory waits on disk.",
+            [
+                target(selector("spool_unconfirmed_events"), "{{instance}} unconfirmed in the spool"),
+                target(selector("pipeline_memory_events"), "{{instance}} held in memory"),
+                target(selector("buffer_capacity_events"), "{{instance}} MAX_BUFFER_EVENTS"),
+            ],
+            unit="short",
+            overrides=[dashed_limit(".* MAX_BUFFER_EVENTS")],
+        ),
+        timeseries(
+            "Oldest unconfirmed event age",
+            "How long ago the oldest event in the spool that ClickHouse has not confirmed was received; 0 when "
+            "there is none (and without a spool). Alert: above 10m for 2m.",
+            [target(oldest_unconfirmed_age(), "{{instance}}")],
+            unit="s", threshold_steps=(("orange", 60), ("red", 600)),
+        ),
+        timeseries(
+            "Spool fsync duration",
+            "Duration of one grouped fsync of the spool. Every request acknowledged from disk (ACK_MODE=disk) "
+            "waits for one, so this is its floor. " + SPOOL_ONLY,
+            quantile_targets("spool_fsync_duration_seconds"),
+            unit="s", threshold_steps=(("orange", 0.025), ("red", 0.1)),
+        ),
+        timeseries(
+            "Replayed events and corrupt records at start",
+            "Unconfirmed events found in the spool when this process started and replayed, and torn or corrupt "
+            "spool tails truncated then (usually after a crash). Both happen only at start, so each line is "
+            "the count for the running process: a step means a restart.",
+            [
+                target(selector("spool_replayed_events_total"), "{{instance}} replayed events"),
+                target(selector("spool_corrupt_records_total"), "{{instance}} corrupt records"),
+            ],
+            unit="short",
+            overrides=[series_override(".* corrupt records", color={"mode": "fixed", "fixedColor": "orange"})],
+        ),
+        stat(
+            "ClickHouse backend",
+            "Where the Writer inserts: http (a ClickHouse server, CLICKHOUSE_DSN) or embedded (chDB in DATA_DIR).",
+            [target(selector("clickhouse_backend_info"), "{{instance}}: {{backend}}")],
+            unit="none", width=3, height=PANEL_HEIGHT, text_mode="name",
+        ),
+        timeseries(
+            "Insert retries/s",
+            "INSERT attempts repeated after a transient failure (connection, time-out, server error). Retries go "
+            "on without limit, at most 5s apart; see \"Insert errors/s by kind\".",
+            [target(f"sum({rate('clickhouse_insert_retries_total')})", "retries")],
+            unit="ops", width=7, threshold_steps=(("orange", 0.0001),),
+        ),
+        timeseries(
+            "Quarantined events/s by destination",
+            "Events ClickHouse rejected as data, kept aside: table (<table>_quarantine), file (quarantine.ndjson "
+            "in SPOOL_DIR) or log (only in the error log; also counted as dropped). Alert: any in 10m.",
+            [target(f"sum by (destination) ({rate('events_quarantined_total')})", "{{destination}}")],
+            unit="cps", width=7, threshold_steps=(("red", 0.0001),),
+        ),
+        timeseries(
+            "Spool write errors and full rejections/s",
+            "Failed spool writes or fsyncs, and requests refused because the spool reached SPOOL_MAX_BYTES; "
+            "both are answered 503, nothing is acknowledged.",
+            [
+                target(f"sum({rate('spool_write_errors_total')})", "write or fsync errors"),
+                target(f"sum({rate('spool_full_rejections_total')})", "spool full"),
+            ],
+            unit="ops", width=7, threshold_steps=(("red", 0.0001),),
+        ),
+    ]
+
+
 def process_row() -> list[JsonObject]:
     return [
         timeseries(
@@ -427,6 +536,7 @@ ROWS = (
     ("Batcher: mailbox, buffer, flushes", batcher_row),
     ("Writer: ClickHouse inserts", writer_row),
     ("End to end", end_to_end_row),
+    ("Reliability: spool, retries, quarantine", reliability_row),
     ("Process", process_row),
 )
 
@@ -494,7 +604,8 @@ def dashboard() -> JsonObject:
     return {
         "uid": DASHBOARD_UID,
         "title": "clickpulse",
-        "description": "Every stage of clickpulse: HTTP intake, Batcher, Writer (ClickHouse), end-to-end freshness, process.",
+        "description": "Every stage of clickpulse: HTTP intake, Batcher, Writer (ClickHouse), end-to-end freshness, "
+                       "the spool, retries and quarantine, process.",
         "tags": ["clickpulse", "clickhouse"],
         "editable": False,
         "graphTooltip": 1,  # shared crosshair: one moment across every stage

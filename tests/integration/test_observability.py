@@ -2,6 +2,8 @@
 server scraping it every second with the alert rules of ops/prometheus loaded. Every query of the
 Grafana dashboard and every signal of every alert must return data; the insert-error panel must
 show the window in which ClickHouse was unreachable, and the inserts-failing alert must fire in it.
+The service runs once with a spool and once without; without one, only the panels the dashboard
+marks spool-only and the ratio of the spool-only alert (guarded by its capacity) have no data.
 """
 
 from __future__ import annotations
@@ -28,9 +30,11 @@ from tests.conftest import skip_or_fail
 from tests.integration.conftest import eventually, make_event, running_service, scrape, wait_for_rows
 from tests.promql import (
     PROMETHEUS_DIR,
+    Comparison,
     alert_comparisons,
     alert_rules,
     dashboard,
+    dashboard_generator,
     dashboard_queries,
     load_yaml,
     substitute,
@@ -44,6 +48,9 @@ RATE_INTERVAL = "5s"  # what Grafana's $__rate_interval is for a 1 s scrape inte
 TEST_FOR = "2s"
 # Labels Prometheus or the exposition format add to every series of a metric.
 ADDED_LABELS = {"__name__", "job", "instance", "le"}
+SPOOL_MAX_BYTES = 64 << 20
+# The operand that confines an alert to instances with a spool; without one it is false (0).
+SPOOL_GUARD = Comparison('spool_capacity_bytes{job="clickpulse"}', ">", 0.0)
 
 
 def base_url(service) -> str:
@@ -234,8 +241,9 @@ def has_finite_value(result: list[dict[str, Any]]) -> bool:
     return any(math.isfinite(float(sample["value"][1])) for sample in result)
 
 
+@pytest.mark.parametrize("spool", [True, False], ids=["spool", "no-spool"])
 async def test_every_dashboard_query_and_alert_returns_data_on_a_real_prometheus(
-    clickhouse_server: ClickHouseServer, clickhouse_database: str, tmp_path: Path
+    clickhouse_server: ClickHouseServer, clickhouse_database: str, tmp_path: Path, spool: bool
 ) -> None:
     binary = find_prometheus()
     if binary is None:
@@ -243,7 +251,10 @@ async def test_every_dashboard_query_and_alert_returns_data_on_a_real_prometheus
     proxy = TcpProxy(clickhouse_server.http_port)
     await proxy.restore()
     dsn = f"http://127.0.0.1:{proxy.port}/{clickhouse_database}"
-    async with running_service(dsn, FLUSH_INTERVAL="200ms", CLICKHOUSE_TIMEOUT="2s") as service, aiohttp.ClientSession() as http:
+    settings = {"FLUSH_INTERVAL": "200ms", "CLICKHOUSE_TIMEOUT": "2s"}
+    if spool:  # ACK_MODE is then `disk`: every accepted request waits for an fsync
+        settings.update(SPOOL_DIR=str(tmp_path / "spool"), SPOOL_MAX_BYTES=str(SPOOL_MAX_BYTES))
+    async with running_service(dsn, **settings) as service, aiohttp.ClientSession() as http:
         instance = f"127.0.0.1:{service.port}"
         rules = rules_for_the_test(load_yaml(PROMETHEUS_DIR / "alerts.yml"))
         server = await asyncio.to_thread(
@@ -253,7 +264,7 @@ async def test_every_dashboard_query_and_alert_returns_data_on_a_real_prometheus
         traffic = Traffic(base_url(service) + "/events")
         traffic_task = asyncio.create_task(traffic.run(http))
         try:
-            await _check_on_prometheus(prometheus, proxy, instance, clickhouse_server, clickhouse_database)
+            await _check_on_prometheus(prometheus, proxy, instance, clickhouse_server, clickhouse_database, spool)
         except AssertionError as error:
             raise AssertionError(f"{error}\n--- prometheus log ---\n{server.log_tail()}") from None
         finally:
@@ -266,7 +277,8 @@ async def test_every_dashboard_query_and_alert_returns_data_on_a_real_prometheus
 
 
 async def _check_on_prometheus(
-    prometheus: PrometheusApi, proxy: TcpProxy, instance: str, clickhouse: ClickHouseServer, database: str
+    prometheus: PrometheusApi, proxy: TcpProxy, instance: str, clickhouse: ClickHouseServer, database: str,
+    spool: bool,
 ) -> None:
     started = time.time()
     board = dashboard()
@@ -305,21 +317,37 @@ async def _check_on_prometheus(
     # Other traffic makes its own alert fire too: a quarter of the requests are invalid.
     assert ("ClickPulseRejectedRatioHigh", "invalid") in fired
 
+    (capacity,) = await prometheus.query(f'spool_capacity_bytes{{instance="{instance}"}}')
+    assert float(capacity["value"][1]) == (SPOOL_MAX_BYTES if spool else 0)
+
     variables = {"instance": instance, "__rate_interval": RATE_INTERVAL, "__range": f"{math.ceil(now - started)}s"}
     await _every_variable_query_finds_this_instance(prometheus, board, instance)
+    spool_only = {each["title"] for each in board["panels"]
+                  if each.get("description", "").endswith(dashboard_generator().SPOOL_ONLY)}
+    assert spool_only  # the marker is found
     for query in dashboard_queries(board):
         expr = substitute(query.expr, variables)
         result = await prometheus.query(expr)
-        assert has_finite_value(result), f"panel {query.panel!r}: no data for {expr}: {result}"
+        if spool or query.panel not in spool_only:
+            assert has_finite_value(result), f"panel {query.panel!r}: no data for {expr}: {result}"
+        else:  # the marker is deserved: "No data" is what this panel shows without a spool
+            assert not has_finite_value(result), f"panel {query.panel!r} is marked spool-only: {expr}: {result}"
 
     for rule in alert_rules():
-        for comparison in alert_comparisons(rule["expr"]):
+        comparisons = alert_comparisons(rule["expr"])
+        for comparison in comparisons:
             result = await prometheus.query(comparison.signal)
+            if not spool and SPOOL_GUARD in comparisons and comparison != SPOOL_GUARD:
+                continue  # e.g. spool_bytes / spool_capacity_bytes is 0 / 0; the guard below keeps it quiet
             assert has_finite_value(result), f"{rule['alert']}: no data for {comparison.signal}: {result}"
             assert {sample["metric"]["instance"] for sample in result} == {instance}
+            if not spool and comparison == SPOOL_GUARD:
+                assert [float(sample["value"][1]) for sample in result] == [0], rule["alert"]
 
     await _the_insert_error_panel_shows_the_outage(prometheus, error_target["expr"], variables, started, cut_at,
                                                    restored_at, now)
+    if spool:
+        await _the_spool_panels_show_the_outage(prometheus, board, variables, cut_at, restored_at)
     await _only_the_expected_alerts_fired(prometheus, started, now)
     await _every_series_has_its_declared_labels(prometheus, instance)
 
@@ -361,12 +389,31 @@ async def _the_insert_error_panel_shows_the_outage(
     assert any(value == 0 for timestamp, value in errors_per_second.items() if timestamp > restored_at + window + 2)
 
 
+async def _the_spool_panels_show_the_outage(
+    prometheus: PrometheusApi, board: dict, variables: dict[str, str], cut_at: float, restored_at: float
+) -> None:
+    """While ClickHouse is away, acknowledged events wait unconfirmed in the spool, and the age of
+    the oldest grows like the outage: seconds, not the 56 years of `time() - 0`."""
+    (age_panel,) = [each for each in board["panels"] if each["title"] == "Oldest unconfirmed event age"]
+    (age_target,) = age_panel["targets"]
+    (unconfirmed_panel,) = [each for each in board["panels"] if each["title"] == "Unconfirmed events: spool and memory"]
+    unconfirmed_target = unconfirmed_panel["targets"][0]
+    assert "spool_unconfirmed_events" in unconfirmed_target["expr"]
+    for target, limit in ((age_target, restored_at - cut_at + 10), (unconfirmed_target, math.inf)):
+        (series,) = await prometheus.query_range(substitute(target["expr"], variables), cut_at, restored_at + 2)
+        peak = max(float(value) for _, value in series["values"])
+        assert 0 < peak < limit, (target["expr"], series["values"])
+
+
 async def _only_the_expected_alerts_fired(prometheus: PrometheusApi, started: float, now: float) -> None:
     result = await prometheus.query_range('ALERTS{alertstate="firing"}', started, now)
     fired = {series["metric"]["alertname"] for series in result}
     assert "ClickPulseInsertsFailing" in fired
-    # A healthy service under this load: the process is up, nothing dropped, the buffer far from full.
-    assert not fired & {"ClickPulseDown", "ClickPulseEventsDropped", "ClickPulseBufferNearlyFull"}, fired
+    # A healthy service under this load: the process is up, nothing dropped or quarantined, the
+    # buffer and the spool far from full, nothing unconfirmed for long.
+    quiet = {"ClickPulseDown", "ClickPulseEventsDropped", "ClickPulseBufferNearlyFull", "ClickPulseSpoolNearlyFull",
+             "ClickPulseUnconfirmedTooOld", "ClickPulseEventsQuarantined"}
+    assert not fired & quiet, fired
 
 
 async def _every_series_has_its_declared_labels(prometheus: PrometheusApi, instance: str) -> None:
