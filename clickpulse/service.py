@@ -68,6 +68,7 @@ class Service:
                 metrics=self.metrics.spool,
             )
             self.metrics.spool.capacity_bytes.set({}, config.spool_max_bytes)
+            self.metrics.on_scrape(self.spool.publish_metrics)
         # First, so that a missing chdb or a busy DATA_DIR stops the start before anything opens.
         embedded = EmbeddedClickHouse(config.data_dir) if config.clickhouse is None else None
         # Every ClickHouse request has its own time limit (CLICKHOUSE_TIMEOUT) in the Writer.

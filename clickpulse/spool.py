@@ -347,7 +347,6 @@ class Spool:
         if keep:
             self._undelivered_in_memory += count
         self._undelivered.append(_Record(position, end.offset, count, received_at, rows if keep else None, confirmation))
-        self._metrics.bytes.set({}, self._total_bytes())
         self._wrote.set()
         if durable:
             synced = asyncio.get_running_loop().create_future()
@@ -516,10 +515,12 @@ class Spool:
     def _track_unconfirmed(self, position: SpoolPosition, received_ms: int, count: int) -> None:
         self._unconfirmed.append((position, received_ms, count))
         self._unconfirmed_events += count
-        if len(self._unconfirmed) == 1:
-            self._publish_oldest()
-        else:
-            self._metrics.unconfirmed_events.set({}, self._unconfirmed_events)
+
+    def publish_metrics(self) -> None:
+        """Sets the gauges from the spool's state; called at every scrape rather than at every
+        append, where it cost more than the gauges told."""
+        self._publish_sizes()
+        self._publish_oldest()
 
     def _publish_oldest(self) -> None:
         oldest = self._unconfirmed[0][1] / 1000 if self._unconfirmed else 0

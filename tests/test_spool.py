@@ -205,6 +205,7 @@ async def test_appended_records_are_on_disk_and_parse_back_with_scan_segment(ope
     assert [(record.payload, record.count) for record in records] == [(rows("a", 3), 3), (rows("b"), 1)]
     assert [record.position for record in records] == [SpoolPosition(1, 0), SpoolPosition(1, record_size(rows("a", 3)))]
     assert all(before_ms <= record.received_ms <= int(time.time() * 1000) for record in records)
+    harness.spool.publish_metrics()  # what a scrape does
     assert harness.metrics.bytes.get({}) == len(data)
     assert harness.spool.unconfirmed_events == 4
 
@@ -273,6 +274,7 @@ async def test_segments_roll_once_they_reach_segment_bytes(open_spool: OpenSpool
     for number, expected in ((1, 2), (2, 2), (3, 1)):
         records, intact = scan_segment(number, (spool_dir / segment_name(number)).read_bytes())
         assert (len(records), intact) == (expected, expected * record_size(payload))
+    harness.spool.publish_metrics()  # what a scrape does
     assert harness.metrics.segments.get({}) == 3
     assert harness.metrics.bytes.get({}) == 5 * record_size(payload)
 
@@ -575,6 +577,7 @@ async def test_ledger_records_the_intent_before_the_insert_and_the_mark_after(op
     harness.spool.confirm(batch)
     assert (spool_dir / LEDGER_NAME).read_text().splitlines()[-1] == f"C 1 {end}"
     assert harness.spool.unconfirmed_events == 0
+    harness.spool.publish_metrics()  # what a scrape does
     assert harness.metrics.unconfirmed_events.get({}) == 0
     assert harness.metrics.oldest_unconfirmed_timestamp.get({}) == 0
 
@@ -592,6 +595,7 @@ async def test_segments_wholly_before_the_confirmed_mark_are_deleted_on_confirm(
 
     await write_to_clickhouse(harness, deliveries[3:4])  # ends exactly at segment 2's end
     assert segment_files(spool_dir) == [segment_name(3)]
+    harness.spool.publish_metrics()  # what a scrape does
     assert harness.metrics.segments.get({}) == 1
     assert harness.metrics.bytes.get({}) == 2 * record_size(payload)
 
