@@ -35,7 +35,7 @@ class EventMailbox:
     """The Batcher's mailbox: Deliveries in arrival order, with a count of their events."""
 
     def __init__(self) -> None:
-        self._messages: collections.deque[Delivery | _Stop] = collections.deque()
+        self._messages: collections.deque[Delivery | Batch | _Stop] = collections.deque()
         self._events = 0
         self._arrival: asyncio.Future[None] | None = None
 
@@ -48,14 +48,14 @@ class EventMailbox:
         """When the oldest waiting delivery was received (event-loop clock); None when there is none."""
         return next((message.received_at for message in self._messages if isinstance(message, Delivery)), None)
 
-    def put(self, message: Delivery | _Stop) -> None:
+    def put(self, message: Delivery | Batch | _Stop) -> None:
         self._messages.append(message)
         if isinstance(message, Delivery):
             self._events += message.count
         if self._arrival is not None and not self._arrival.done():
             self._arrival.set_result(None)
 
-    async def get(self, deadline: float | None) -> Delivery | _Stop | None:
+    async def get(self, deadline: float | None) -> Delivery | Batch | _Stop | None:
         """The next message, or None once the event-loop clock passes `deadline`."""
         if not self._messages:
             loop = asyncio.get_running_loop()
@@ -103,8 +103,10 @@ class Batcher:
         for trigger in FLUSH_TRIGGERS:  # a series from the start: "no flush yet" must read as 0, not as no data
             metrics.batch_flushes.add({"trigger": trigger}, 0)
 
-    def put(self, delivery: Delivery) -> None:
-        """Takes one request's events. The caller reserved them in the MemoryLimit first."""
+    def put(self, delivery: Delivery | Batch) -> None:
+        """Takes one request's events. The caller reserved them in the MemoryLimit first.
+        A whole Batch (the spool's batch in flight at a crash) goes to the Writer as it is, after
+        what was buffered before it: its rows must be inserted exactly as they were the first time."""
         self._mailbox.put(delivery)
 
     @property
@@ -128,6 +130,12 @@ class Batcher:
                 if self._buffer:
                     await self._flush("shutdown")
                 return
+            if isinstance(message, Batch):
+                if self._buffer:
+                    await self._flush("size")
+                deadline = None
+                await self._hand_to_writer(message)
+                continue
             if self._buffer and self._buffered_events + message.count > self._batch_size:
                 await self._flush("size")
                 deadline = None

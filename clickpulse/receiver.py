@@ -121,6 +121,9 @@ class Receiver:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
             return self._too_large_body()
+        except web.RequestPayloadError as error:  # e.g. Content-Encoding: gzip on a body that is not
+            cause = getattr(error.__cause__, "message", None) or str(error.__cause__ or error)
+            return self._reject("invalid", 400, f"cannot read the request body: {' '.join(str(cause).split())}")
         self._metrics.receiver.request_body_bytes.observe({}, len(body))
         if not body.strip():
             return self._reject("invalid", 400, "empty body: send a JSON object, a JSON array or NDJSON lines")

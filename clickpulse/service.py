@@ -18,7 +18,7 @@ from clickpulse.batcher import Batcher
 from clickpulse.clickhouse import ClickHouseConnection, EmbeddedClickHouse, HttpClickHouse
 from clickpulse.config import Config
 from clickpulse.memory_limit import MemoryLimit
-from clickpulse.messages import Delivery
+from clickpulse.messages import Batch, Delivery
 from clickpulse.metrics import PipelineMetrics
 from clickpulse.receiver import Receiver
 from clickpulse.spool import Spool
@@ -115,8 +115,11 @@ class Service:
             metrics=self.metrics,
             query=self.writer.query if embedded is not None else None,
         )
+        # aiohttp waits up to shutdown_timeout for a handler to finish, then as long again once it
+        # is cancelled: the HTTP drain takes at most half of SHUTDOWN_TIMEOUT, inside its deadline.
+        http_drain = min(HTTP_DRAIN_SECONDS, config.shutdown_timeout / 4)
         self._runner = web.AppRunner(
-            self.receiver.build_app(), access_log=None, handle_signals=False, shutdown_timeout=HTTP_DRAIN_SECONDS
+            self.receiver.build_app(), access_log=None, handle_signals=False, shutdown_timeout=http_drain
         )
         await self._runner.setup()
         site = web.TCPSite(self._runner, config.http_host, config.http_port)
@@ -131,7 +134,7 @@ class Service:
             f"spool in {config.spool_dir}" if config.spool_dir else "no spool (events are held in memory only)",
         )
 
-    def _deliver_to_batcher(self, delivery: Delivery) -> None:
+    def _deliver_to_batcher(self, delivery: Delivery | Batch) -> None:
         assert self.batcher is not None
         self.batcher.put(delivery)
 
@@ -173,7 +176,11 @@ class Service:
         for task in self._tasks.values():
             task.cancel()
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
-        lost = self.writer.abandon() + (0 if self.spool is not None else self.batcher.held_events)
+        # Without a spool, what the Batcher still holds is lost too, and counted like the Writer's.
+        held_by_batcher = 0 if self.spool is not None else self.batcher.held_events
+        if held_by_batcher:
+            self.metrics.writer.events_dropped.add({"reason": "shutdown"}, held_by_batcher)
+        lost = self.writer.abandon() + held_by_batcher
         if self.spool is not None:
             self.spool.close()
             unconfirmed = self.spool.unconfirmed_events

@@ -67,7 +67,7 @@ class ScannedRecord:
     end: int
     count: int
     received_ms: int
-    payload: bytes
+    payload: bytes | None  # None once recovery decided not to keep it in memory (read back later)
 
 
 def scan_segment(number: int, data: bytes) -> tuple[list[ScannedRecord], int]:
@@ -114,7 +114,7 @@ class Spool:
         max_bytes: int,
         segment_bytes: int,
         memory: MemoryLimit,
-        deliver: Callable[[Delivery], None],
+        deliver: Callable[[Delivery | Batch], None],
         metrics: SpoolMetrics,
     ) -> None:
         self.directory = directory
@@ -133,6 +133,10 @@ class Spool:
         self._unconfirmed_events = 0
         self._undelivered: collections.deque[_Record] = collections.deque()
         self._undelivered_in_memory = 0
+        # Records waiting with their rows on disk only. While there are any, new records wait on
+        # disk too: kept rows are then always ahead of read-back ones in the queue, so the events
+        # the pipeline holds plus the rows kept here never pass MAX_BUFFER_EVENTS.
+        self._undelivered_on_disk = 0
         self._sync_waiters: collections.deque[tuple[SpoolPosition, asyncio.Future[None]]] = collections.deque()
         self._synced = SpoolPosition(0, 0)  # records ending at or before this are on disk
         self._written = SpoolPosition(0, 0)
@@ -144,6 +148,8 @@ class Spool:
         self._error: str | None = None
         self._next_open_attempt = 0.0
         self._recovered_batch: Batch | None = None
+        # The batch in flight at a crash, found by an open() after the start: forwarded first.
+        self._recovered_late: Batch | None = None
         self._opened = False
 
     # -- start ------------------------------------------------------------------------------
@@ -166,6 +172,11 @@ class Spool:
         self._confirmed, intent = self._read_ledger()
         numbers = sorted(int(m.group(1)) for name in os.listdir(self.directory) if (m := SEGMENT_NAME.fullmatch(name)))
         replay: list[ScannedRecord] = []
+        # Only what fits in memory keeps its rows (plus the batch in flight, which is inserted
+        # first): the rest is read back when its turn comes. Keeping every payload here until
+        # _queue_replay would hold the whole spool (up to SPOOL_MAX_BYTES) in memory at start.
+        in_memory = self._memory.held + self._undelivered_in_memory
+        on_disk = self._undelivered_on_disk
         for index, number in enumerate(numbers):
             path = self.directory / segment_name(number)
             data = path.read_bytes()
@@ -185,7 +196,16 @@ class Spool:
                 path.unlink()
                 continue
             self._segments[number] = _Segment(number, intact)
+            for record in unconfirmed:
+                if intent and intent[0] <= record.position < intent[1]:
+                    in_memory += record.count  # the batch in flight, held in memory to go first
+                elif not on_disk and in_memory + record.count <= self._memory.capacity_events:
+                    in_memory += record.count
+                else:
+                    record.payload = None
+                    on_disk += 1
             replay.extend(unconfirmed)
+            del records, unconfirmed, data
         # Never a number at or before the confirmed mark, even when every segment up to it was
         # deleted: records there would count as confirmed at the next start and be dropped.
         last = max(max(self._segments, default=0), self._confirmed.segment)
@@ -201,14 +221,14 @@ class Spool:
         for record in replay:
             self._track_unconfirmed(record.position, record.received_ms, record.count)
             if intent and intent[0] <= record.position < intent[1]:
+                assert record.payload is not None
                 in_flight.append(Delivery(record.payload, record.count, now, record.position))
                 continue
-            keep = self._undelivered_in_memory + record.count <= self._memory.capacity_events
-            if keep:
+            if record.payload is not None:  # _open kept it: it fits in memory
                 self._undelivered_in_memory += record.count
-            self._undelivered.append(
-                _Record(record.position, record.end, record.count, now, record.payload if keep else None, None)
-            )
+            else:
+                self._undelivered_on_disk += 1
+            self._undelivered.append(_Record(record.position, record.end, record.count, now, record.payload, None))
         replayed = sum(record.count for record in replay)
         if replayed:
             self._metrics.replayed_events.add({}, replayed)
@@ -263,9 +283,12 @@ class Spool:
             os.fsync(ledger.fileno())
         os.replace(temporary, self.directory / LEDGER_NAME)
         self._sync_directory()
+        # Opened before the old one is closed: if this fails, _ledger_fd must not name a closed
+        # descriptor, whose number the next segment could get (ledger lines in a segment).
+        ledger_fd = os.open(self.directory / LEDGER_NAME, os.O_WRONLY | os.O_APPEND)
         if self._ledger_fd is not None:
             os.close(self._ledger_fd)
-        self._ledger_fd = os.open(self.directory / LEDGER_NAME, os.O_WRONLY | os.O_APPEND)
+        self._ledger_fd = ledger_fd
         self._ledger_size = len(lines)
 
     async def begin_insert(self, batch: Batch) -> None:
@@ -284,8 +307,15 @@ class Spool:
             return
         self._confirmed = max(self._confirmed, self._end_of(batch))
         line = f"C {self._confirmed.segment} {self._confirmed.offset}\n"
-        os.write(self._ledger_fd, line.encode())  # no fsync: losing it only replays this batch
-        self._ledger_size += len(line)
+        try:
+            os.write(self._ledger_fd, line.encode())  # no fsync: losing it only replays this batch
+        except OSError as error:
+            # The rows are in ClickHouse. Like a lost line, this only replays them at the next start;
+            # raising would kill the Writer, and keep the confirmed segments (often what fills the
+            # disk) from being deleted.
+            log.warning("spool: cannot record the confirmed mark in the ledger (replayed if we crash now): %s", error)
+        else:
+            self._ledger_size += len(line)
         while self._unconfirmed and self._unconfirmed[0][0] < self._confirmed:
             self._unconfirmed_events -= self._unconfirmed.popleft()[2]
         for number in sorted(self._segments):
@@ -296,7 +326,10 @@ class Spool:
             if with_error:
                 break
         if self._ledger_size > LEDGER_COMPACT_BYTES:
-            self._rewrite_ledger(self._confirmed, None)
+            try:
+                self._rewrite_ledger(self._confirmed, None)
+            except OSError as error:  # the ledger stays as it was, longer; tried again next time
+                log.warning("spool: cannot compact the ledger: %s", error)
         self._publish_sizes()
         self._publish_oldest()
 
@@ -343,9 +376,15 @@ class Spool:
         end = SpoolPosition(segment.number, segment.size)
         self._written = end
         self._track_unconfirmed(position, received_ms, count)
-        keep = self._undelivered_in_memory + count <= self._memory.capacity_events
+        # MAX_BUFFER_EVENTS bounds the events the pipeline holds and the rows waiting here together.
+        keep = (
+            not self._undelivered_on_disk
+            and self._memory.held + self._undelivered_in_memory + count <= self._memory.capacity_events
+        )
         if keep:
             self._undelivered_in_memory += count
+        else:
+            self._undelivered_on_disk += 1
         self._undelivered.append(_Record(position, end.offset, count, received_at, rows if keep else None, confirmation))
         self._wrote.set()
         if durable:
@@ -381,13 +420,12 @@ class Spool:
             self._next_open_attempt = now + REOPEN_INTERVAL_SECONDS
             recovered = self.open()
             if recovered is not None:
-                # A batch in flight at a crash can only be found at start; here it replays in order.
-                for delivery in reversed(recovered.deliveries):
-                    self._undelivered.appendleft(
-                        _Record(delivery.position, 0, delivery.count, delivery.received_at, delivery.rows, None)
-                    )
-                self._undelivered_in_memory += recovered.count  # kept in memory; forwarding subtracts them
-                self._memory.release(recovered.count)
+                # The batch in flight at a crash goes first and whole, as the Batch it was (its
+                # events are already reserved in the MemoryLimit): as separate records the Batcher
+                # would merge it with later ones, and the insert would no longer carry the token
+                # of the first attempt, which ClickHouse may already have stored.
+                self._recovered_late = recovered
+                self._forwardable.set()
         if not self._opened:
             raise SpoolUnavailable(self._error or "the spool is not open")
 
@@ -478,6 +516,10 @@ class Spool:
         while True:
             if not self._forwarding:
                 return
+            if self._recovered_late is not None:
+                batch, self._recovered_late = self._recovered_late, None
+                self._deliver(batch)
+                continue
             record = self._undelivered[0] if self._undelivered else None
             if record is None or SpoolPosition(record.position.segment, record.end) > self._synced:
                 self._forwardable.clear()
@@ -491,6 +533,8 @@ class Spool:
             self._undelivered.popleft()
             if record.rows is not None:
                 self._undelivered_in_memory -= record.count
+            else:
+                self._undelivered_on_disk -= 1
             self._deliver(Delivery(rows, record.count, record.received_at, record.position, record.confirmation))
 
     def _read_back(self, record: _Record) -> bytes:
@@ -499,7 +543,7 @@ class Spool:
             segment_file.seek(record.position.offset)
             data = segment_file.read(record.end - record.position.offset)
         records, _ = scan_segment(record.position.segment, data)
-        if not records:
+        if not records or records[0].payload is None:
             raise OSError(f"spool record at {record.position} in {path.name} no longer reads back intact")
         return records[0].payload
 

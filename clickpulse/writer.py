@@ -219,8 +219,12 @@ class Writer:
     async def run(self) -> None:
         await self._connect()
         while True:
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns a result that arrives
+            # together with a cancellation and swallows the cancellation, so a shutdown that
+            # cancels the Writer as a batch arrives would leave it retrying that batch forever.
             try:
-                message = await asyncio.wait_for(self._mailbox.get(), HEALTH_CHECK_SECONDS)
+                async with asyncio.timeout(HEALTH_CHECK_SECONDS):
+                    message = await self._mailbox.get()
             except TimeoutError:
                 await self._health_check()
                 continue
@@ -261,8 +265,10 @@ class Writer:
         if self._stop_requested.is_set():
             await asyncio.sleep(delay)
             return
+        # Not wait_for: see run(); stop() wakes this pause just as the shutdown may cancel us.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stop_requested.wait(), delay)
+            async with asyncio.timeout(delay):
+                await self._stop_requested.wait()
 
     async def _ensure_schema(self) -> None:
         connection = self._connection

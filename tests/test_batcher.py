@@ -431,3 +431,20 @@ async def test_oldest_event_age_is_the_mailbox_head_while_the_buffer_is_empty(st
     harness.put(1, received_at=now() - 1.0)
 
     assert harness.batcher.oldest_event_age() == pytest.approx(3.0, abs=0.1)
+
+
+async def test_a_whole_batch_put_in_the_mailbox_is_handed_on_as_it_is_after_what_came_before(
+    start_batcher: MakeHarness,
+) -> None:
+    # The spool's batch in flight at a crash, found late: it must reach the Writer with exactly
+    # its rows (its deduplication token), neither merged with other deliveries nor split.
+    harness = await start_batcher(batch_size=100)
+    before = harness.put(2)
+    in_flight = Batch([make_delivery(3, 100), make_delivery(1, 103)], "replay")
+    harness.batcher.put(in_flight)
+    after = harness.put(4)
+
+    await harness.stop()
+
+    assert harness.writer.batches[1] is in_flight
+    assert [batch.deliveries for batch in harness.writer.batches] == [[before], in_flight.deliveries, [after]]

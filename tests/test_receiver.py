@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -294,6 +295,34 @@ async def test_body_under_limit_sent_chunked_is_accepted(app: App) -> None:
 
     assert response.status == 202
     assert app.pipeline.submitted_types == [["type_0", "type_1", "type_2"]]
+
+
+@pytest.mark.parametrize(
+    ("encoding", "body"),
+    [("gzip", b"this is not gzip"), ("deflate", b"nor deflate")],
+    ids=["not-gzip", "not-deflate"],
+)
+async def test_a_body_that_does_not_decode_as_its_content_encoding_is_400_not_500(
+    app: App, encoding: str, body: bytes
+) -> None:
+    response = await app.client.post(
+        "/events", data=body, headers={"Content-Type": "application/json", "Content-Encoding": encoding}
+    )
+
+    message = await json_error(response, 400)
+    assert encoding in message
+    assert app.pipeline.deliveries == []
+
+
+async def test_a_gzip_body_is_decoded_and_accepted(app: App) -> None:
+    body = gzip.compress(encode([event_object(0), event_object(1)]))
+
+    response = await app.client.post(
+        "/events", data=body, headers={"Content-Type": "application/json", "Content-Encoding": "gzip"}
+    )
+
+    assert response.status == 202
+    assert app.pipeline.submitted_types == [["type_0", "type_1"]]
 
 
 @pytest.mark.parametrize("as_ndjson", [False, True], ids=["json-array", "ndjson"])

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import os
 import time
+import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,9 +16,10 @@ import pytest
 from aioprometheus import Registry
 
 from clickpulse import spool as spool_module
+from clickpulse.batcher import Batcher
 from clickpulse.memory_limit import MemoryLimit
 from clickpulse.messages import Batch, Delivery, SpoolPosition
-from clickpulse.metrics import SpoolMetrics
+from clickpulse.metrics import BatcherMetrics, SpoolMetrics
 from clickpulse.spool import (
     HEADER,
     LEDGER_NAME,
@@ -58,12 +60,16 @@ class Forwarded:
     deliveries: list[Delivery] = field(default_factory=list)
     arrival: asyncio.Event = field(default_factory=asyncio.Event)
     on_delivery: Callable[[Delivery], None] | None = None
+    batches: list[Batch] = field(default_factory=list)  # whole batches (the late-found one in flight)
 
-    def __call__(self, delivery: Delivery) -> None:
-        self.deliveries.append(delivery)
-        self.arrival.set()
-        if self.on_delivery is not None:
-            self.on_delivery(delivery)
+    def __call__(self, message: Delivery | Batch) -> None:
+        if isinstance(message, Batch):
+            self.batches.append(message)
+        for delivery in message.deliveries if isinstance(message, Batch) else [message]:
+            self.deliveries.append(delivery)
+            self.arrival.set()
+            if self.on_delivery is not None:
+                self.on_delivery(delivery)
 
     async def wait_for(self, count: int, timeout: float = 1.0) -> list[Delivery]:
         async with asyncio.timeout(timeout):
@@ -425,7 +431,7 @@ async def test_records_beyond_the_memory_capacity_are_read_back_from_disk(open_s
     assert harness.memory.try_reserve(5)
     harness.forwarded.on_delivery = lambda delivery: harness.memory.release(delivery.count)  # an instant Writer
     payloads = [rows(f"mem{index}", 2) for index in range(4)]
-    for payload in payloads:  # 8 events: only the first two records (4 events) fit in memory
+    for payload in payloads:  # the pipeline holds MAX_BUFFER_EVENTS: none of them fits in memory
         await harness.append(payload, 2)
     await asyncio.sleep(0.02)
     assert harness.forwarded.deliveries == []
@@ -435,9 +441,7 @@ async def test_records_beyond_the_memory_capacity_are_read_back_from_disk(open_s
 
     forwarded = await harness.forwarded.wait_for(4)
 
-    assert [delivery.rows for delivery in forwarded] == [
-        payloads[0], payloads[1], rows("dsk2", 2), rows("dsk3", 2),
-    ]
+    assert [delivery.rows for delivery in forwarded] == [rows(f"dsk{index}", 2) for index in range(4)]
     assert [delivery.position for delivery in forwarded] == [record.position for record in records]
 
 
@@ -698,14 +702,15 @@ async def test_spool_opened_late_replays_the_batch_in_flight_first_and_in_order(
 
     await second.forwarded.wait_for(4)
     assert second.forwarded.payloads == [rows("a"), rows("b", 2), rows("c", 3), rows("d")]
+    assert [batch.count for batch in second.forwarded.batches] == [3]  # a and b, as one whole batch
     assert second.memory.held == 7  # each forwarded once, reserved once
 
 
 async def test_spool_opened_late_still_keeps_at_most_the_memory_capacity_of_rows_in_memory(
     open_spool: OpenSpool, tmp_path: Path, spool_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The recovered batch's rows are held in memory until forwarded; forwarding them must not
-    # leave room for more than MAX_BUFFER_EVENTS of later rows waiting in memory.
+    # The recovered batch's rows are held in memory (reserved in the MemoryLimit) until the Writer
+    # confirms them; with the pipeline full, later rows wait on disk, not in memory.
     monkeypatch.setattr(spool_module, "REOPEN_INTERVAL_SECONDS", 0.0)
     first = await open_spool(spool_dir)
     deliveries = await append_and_forward(first, [rows("old", 3)])
@@ -724,11 +729,143 @@ async def test_spool_opened_late_still_keeps_at_most_the_memory_capacity_of_rows
     second.forwarded.on_delivery = lambda delivery: second.memory.release(delivery.count)  # an instant Writer
     assert second.memory.try_reserve(10 - second.memory.held)  # full from now on
 
-    for name in ("mem1", "mem2", "mem3"):  # 5 + 5 fill the memory capacity; the last 3 do not fit
+    for name in ("mem1", "mem2", "mem3"):  # the memory capacity is used up: none of them fits
         await second.append(rows(name, 5 if name != "mem3" else 3), 5 if name != "mem3" else 3)
     await asyncio.sleep(0.02)
     rewrite_rows_on_disk(spool_dir / segment_name(2), b"mem", b"dsk")
     second.memory.release(10)
 
     await second.forwarded.wait_for(5)
-    assert second.forwarded.payloads[2:] == [rows("mem1", 5), rows("mem2", 5), rows("dsk3", 3)]
+    assert second.forwarded.payloads[2:] == [rows("dsk1", 5), rows("dsk2", 5), rows("dsk3", 3)]
+
+
+async def test_recovery_holds_at_most_the_memory_capacity_of_rows_not_the_whole_spool(
+    open_spool: OpenSpool, spool_dir: Path
+) -> None:
+    # After a long outage the spool holds up to SPOOL_MAX_BYTES of unconfirmed records. Opening it
+    # must not read them all into memory at once (a restart would then be killed for memory, and
+    # again at every restart): only what fits under MAX_BUFFER_EVENTS keeps its rows.
+    payload = b'{"x":"' + b"y" * 4000 + b'"}\n'
+    first = await open_spool(capacity_events=10, segment_bytes=1 << 20, max_bytes=64 << 20, run=False)
+    for _ in range(4000):  # ~16 MiB in 16 segments
+        await first.append(payload, durable=False)
+    await first.shut()
+
+    tracemalloc.start()
+    try:
+        second = await open_spool(capacity_events=10, segment_bytes=1 << 20, max_bytes=64 << 20, run=False)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    assert second.spool.unconfirmed_events == 4000
+    assert peak < 6 << 20, f"opening a 16 MiB spool allocated {peak / 2**20:.1f} MiB"
+    # Every record still replays, in order: the first ten from memory, the rest read back.
+    second.forwarded.on_delivery = lambda delivery: second.memory.release(delivery.count)
+    second.run()
+    forwarded = await second.forwarded.wait_for(4000, timeout=10.0)
+    assert all(delivery.rows == payload for delivery in forwarded)
+    assert [delivery.position for delivery in forwarded] == sorted(delivery.position for delivery in forwarded)
+
+
+async def test_spool_opened_late_hands_the_batch_in_flight_to_the_writer_with_exactly_its_rows(
+    tmp_path: Path, spool_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The batch in flight at a crash may already be in ClickHouse; only an insert of exactly its
+    # rows carries the same deduplication token. When the spool directory is unusable at start and
+    # comes back later, that batch must still reach the Writer whole and alone, not as separate
+    # records that the Batcher merges with the ones after it.
+    monkeypatch.setattr(spool_module, "REOPEN_INTERVAL_SECONDS", 0.0)
+    forwarded = Forwarded()
+    first = Spool(directory=spool_dir, max_bytes=1 << 20, segment_bytes=1 << 20, memory=MemoryLimit(100),
+                  deliver=forwarded, metrics=SpoolMetrics(Registry()))
+    first.open()
+    first_task = asyncio.create_task(first.run())
+    for payload in (rows("a"), rows("b", 2), rows("c", 3)):
+        await first.append(payload, payload.count(b"\n"), now(), durable=True, confirmation=None)
+    deliveries = await forwarded.wait_for(3)
+    in_flight = Batch(deliveries[:2], "size")
+    await first.begin_insert(in_flight)  # sent to ClickHouse; the answer never came back
+    first_task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await first_task
+    first.close()
+    moved = tmp_path / "moved-away"
+    spool_dir.rename(moved)
+    spool_dir.write_bytes(b"")  # a file where the directory should be: open() fails softly
+
+    memory = MemoryLimit(100)
+    handed: list[Batch] = []
+
+    async def hand_to_writer(batch: Batch) -> None:  # an instant Writer
+        handed.append(batch)
+        memory.release(batch.count)
+
+    batcher = Batcher(batch_size=100, flush_interval=0.05, hand_to_writer=hand_to_writer,
+                      metrics=BatcherMetrics(Registry()))
+    second = Spool(directory=spool_dir, max_bytes=1 << 20, segment_bytes=1 << 20, memory=memory,
+                   deliver=batcher.put, metrics=SpoolMetrics(Registry()))
+    assert second.open() is None
+    tasks = [asyncio.create_task(batcher.run()), asyncio.create_task(second.run())]
+    try:
+        spool_dir.unlink()
+        moved.rename(spool_dir)
+        await second.append(rows("d"), 1, now(), durable=True, confirmation=None)  # opens the spool
+        async with asyncio.timeout(2.0):
+            while sum(batch.count for batch in handed) < 7:
+                await asyncio.sleep(0.01)
+    finally:
+        for task in tasks:
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*tasks)
+        second.close()
+
+    body = b"".join(delivery.rows for delivery in handed[0].deliveries)
+    assert body == rows("a") + rows("b", 2)  # the same rows, so the same deduplication token
+    assert [delivery.position for delivery in handed[0].deliveries] == [d.position for d in in_flight.deliveries]
+    assert b"".join(delivery.rows for batch in handed[1:] for delivery in batch.deliveries) == rows("c", 3) + rows("d")
+    assert memory.held == 0
+
+
+async def test_while_the_memory_limit_is_full_new_records_wait_on_disk_not_in_memory(open_spool: OpenSpool) -> None:
+    # MAX_BUFFER_EVENTS bounds every event held in memory; "when full, disk with a spool". With the
+    # Batcher and the Writer holding all of it (a slow ClickHouse), the spool must not keep up to
+    # another MAX_BUFFER_EVENTS of rows in memory waiting for their turn.
+    harness = await open_spool(capacity_events=10)
+    assert harness.memory.try_reserve(10)  # the pipeline is full
+
+    def payload() -> bytes:  # 100 KB, a new object each time, as each request's rows are
+        return b'{"x":"' + b"y" * 100_000 + b'"}\n'
+
+    tracemalloc.start()
+    try:
+        before, _ = tracemalloc.get_traced_memory()
+        for _ in range(10):
+            await harness.append(payload(), durable=False)
+        after, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    assert after - before < 200_000, f"{(after - before) / 1e6:.1f} MB of rows kept in memory beyond MAX_BUFFER_EVENTS"
+    harness.forwarded.on_delivery = lambda delivery: harness.memory.release(delivery.count)
+    harness.memory.release(10)
+    forwarded = await harness.forwarded.wait_for(10)  # read back from disk, in order
+    assert [delivery.rows for delivery in forwarded] == [payload()] * 10
+
+
+async def test_rows_kept_in_memory_and_events_held_by_the_pipeline_never_exceed_the_capacity(
+    open_spool: OpenSpool, spool_dir: Path
+) -> None:
+    harness = await open_spool(capacity_events=10, run=False)
+    assert harness.memory.try_reserve(4)  # the pipeline holds 4: room for 6 more in memory
+    for name in ("mem0", "mem1", "mem2"):  # 3 + 3 fit, the third does not
+        await harness.append(rows(name, 3), 3, durable=False)
+    await harness.append(rows("mem3"), 1, durable=False)  # would fit, but must not pass the one on disk
+    rewrite_rows_on_disk(spool_dir / segment_name(1), b"mem", b"dsk")
+    harness.forwarded.on_delivery = lambda delivery: harness.memory.release(delivery.count)
+    harness.run()
+
+    forwarded = await harness.forwarded.wait_for(4)
+
+    assert [delivery.rows for delivery in forwarded] == [rows("mem0", 3), rows("mem1", 3), rows("dsk2", 3), rows("dsk3")]

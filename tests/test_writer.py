@@ -4,6 +4,7 @@ and, with a fake ChClient in place of ClickHouse, bisection, quarantine and conf
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -476,3 +477,121 @@ async def test_rejected_rows_go_to_the_quarantine_file_when_the_table_cannot_tak
     assert isinstance(rejection, RowsRejected) and rejection.destination == "quarantine.ndjson in SPOOL_DIR"
     assert harness.metrics.quarantined.get({"destination": "file"}) == 1
     assert harness.metrics.events_dropped.get({"reason": "rejected"}) == 0
+
+
+# -- shutdown: a cancelled Writer ends ------------------------------------------------------------
+
+
+@dataclass
+class DownClickHouse(FakeClickHouse):
+    """ClickHouse that never answers: every request fails as a refused connection."""
+
+    async def query_value(self, sql: str) -> str:
+        raise aiohttp.ClientOSError(111, "Connection refused")
+
+    async def insert(self, database: str, table: str, body: bytes, deduplication_token: str | None) -> None:
+        raise aiohttp.ClientOSError(111, "Connection refused")
+
+
+async def test_a_writer_cancelled_right_after_stop_ends_even_while_clickhouse_is_down(
+    session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What Service.stop does once SHUTDOWN_TIMEOUT is used up: stop() (which wakes the backoff
+    # pause) and, in the same breath, cancel(). The cancellation must not be swallowed by the
+    # woken pause, else the Writer retries forever and the shutdown never ends.
+    monkeypatch.setattr(writer_module, "backoff_seconds", lambda attempt: 30.0)
+    harness = make_writer(session, DownClickHouse())
+    writer = harness.writer
+    writer._schema_ready = False  # as at start: _connect() retries with a backoff pause
+    writer._change_pending(1)  # a batch is waiting, so a stop alone does not end _connect()
+    task = asyncio.create_task(writer.run())
+    await asyncio.sleep(0.05)  # in the backoff pause
+
+    await writer.stop()
+    task.cancel()
+
+    done, _ = await asyncio.wait([task], timeout=2.0)
+    assert task in done, "the Writer swallowed its cancellation"
+    if not task.done():
+        task.cancel()
+
+
+async def test_a_writer_cancelled_as_a_batch_arrives_ends_even_while_clickhouse_is_down(
+    session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The idle Writer waits for its mailbox; a batch put there just as the task is cancelled must
+    # not be taken with the cancellation swallowed (its insert would be retried forever).
+    monkeypatch.setattr(writer_module, "backoff_seconds", lambda attempt: 0.01)
+    harness = make_writer(session, DownClickHouse())
+    task = asyncio.create_task(harness.writer.run())
+    await asyncio.sleep(0.05)  # idle, waiting for the mailbox
+
+    await harness.writer.submit(Batch([delivery("a", confirmed=False)], "shutdown"))
+    task.cancel()
+
+    done, _ = await asyncio.wait([task], timeout=2.0)
+    assert task in done, "the Writer swallowed its cancellation"
+    if not task.done():
+        task.cancel()
+
+
+# -- a real spool whose ledger cannot be written -------------------------------------------------
+
+
+async def test_a_ledger_write_failure_after_an_insert_does_not_kill_the_writer(
+    session: aiohttp.ClientSession, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The disk under the spool is full (SPOOL_MAX_BYTES larger than the free space, or another
+    # tenant): appending the confirmed mark to the ledger fails. The rows are in ClickHouse; the
+    # Writer must go on (and delete the confirmed segments, which frees the disk) instead of
+    # crashing the process into a restart loop that inserts the same batch again and again.
+    import errno
+    import os as os_module
+
+    from clickpulse import spool as spool_module
+    from clickpulse.metrics import SpoolMetrics
+    from clickpulse.spool import Spool, segment_name
+
+    memory = MemoryLimit(1000)
+    forwarded: list[Delivery] = []
+    spool = Spool(directory=tmp_path / "spool", max_bytes=1 << 20, segment_bytes=1, memory=memory,
+                  deliver=forwarded.append, metrics=SpoolMetrics(Registry()))
+    spool.open()
+    spool_task = asyncio.create_task(spool.run())
+    try:
+        for name in ("a", "b", "c"):  # segment_bytes=1: one record per segment
+            await spool.append(row(name), 1, asyncio.get_running_loop().time(), durable=True, confirmation=None)
+        async with asyncio.timeout(1.0):
+            while len(forwarded) < 3:
+                await asyncio.sleep(0.01)
+        harness = make_writer(session, FakeClickHouse())
+        harness.writer._spool = spool
+        harness.writer._memory = memory
+        real_write = os_module.write
+
+        def write_but_not_the_ledger(fd: int, data: bytes) -> int:
+            if fd == spool._ledger_fd:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_write(fd, data)
+
+        monkeypatch.setattr(spool_module.os, "write", write_but_not_the_ledger)
+        batch = Batch(forwarded[:2], "size")
+        task = asyncio.create_task(harness.writer.run())
+        await harness.writer.submit(batch)
+        async with asyncio.timeout(2.0):
+            while harness.writer.pending_events:
+                await asyncio.sleep(0.01)
+                assert not task.done(), task.exception() if task.done() else None
+        assert not task.done()
+        assert harness.clickhouse.inserted_rows == [row("a").strip(), row("b").strip()]
+        assert memory.held == 1  # batch released; c, forwarded, still held
+        assert spool.unconfirmed_events == 1
+        assert not (tmp_path / "spool" / segment_name(1)).exists()  # confirmed segments are deleted
+        await harness.writer.stop()
+        async with asyncio.timeout(1.0):
+            await task
+    finally:
+        spool_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await spool_task
+        spool.close()
