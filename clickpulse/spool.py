@@ -151,6 +151,7 @@ class Spool:
         # The batch in flight at a crash, found by an open() after the start: forwarded first.
         self._recovered_late: Batch | None = None
         self._opened = False
+        self._fsync_failing = False  # until an fsync pass succeeds again; /readyz says so
 
     # -- start ------------------------------------------------------------------------------
 
@@ -478,9 +479,11 @@ class Spool:
             except OSError as error:
                 self._metrics.write_errors.inc({})
                 self._fail(f"fsync failed: {error.strerror or error}")
+                self._fsync_failing = True
                 self._fail_waiters(target, SpoolUnavailable(f"the spool could not be made durable: {error.strerror or error}"))
             else:
                 self._metrics.fsync_duration.observe({}, time.perf_counter() - started)
+                self._fsync_failing = False
                 self._wake_waiters(target)
             self._synced = max(self._synced, target)
             self._forwardable.set()
@@ -582,6 +585,8 @@ class Spool:
     def not_ready_reason(self) -> str | None:
         if not self._opened:
             return f"spool unavailable: {self._error}"
+        if self._fsync_failing:
+            return f"spool cannot make writes durable: {self._error}"
         if self.fill_ratio >= 0.9:
             return f"spool {self.fill_ratio:.0%} full"
         return None

@@ -262,6 +262,27 @@ async def test_concurrent_durable_appends_share_few_fsyncs(open_spool: OpenSpool
     assert len(records) == appends
 
 
+async def test_a_failing_fsync_refuses_the_waiting_appends_and_reports_not_ready_until_one_succeeds(
+    open_spool: OpenSpool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    harness = await open_spool()
+    real_fsync = os.fsync
+
+    def failing_fsync(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(SpoolUnavailable, match="could not be made durable: Input/output error"):
+        async with asyncio.timeout(2.0):
+            await harness.append(rows("a"), durable=True)
+    assert "cannot make writes durable" in (harness.spool.not_ready_reason() or "")
+
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    async with asyncio.timeout(2.0):
+        await harness.append(rows("b"), durable=True)
+    assert harness.spool.not_ready_reason() is None
+
+
 async def test_segments_roll_once_they_reach_segment_bytes(open_spool: OpenSpool, spool_dir: Path) -> None:
     payload = rows("x")
     # Two records fill a segment: the third starts the next one.
