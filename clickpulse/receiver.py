@@ -167,7 +167,7 @@ class Receiver:
             except SpoolUnavailable as error:
                 return str(error)
             return None
-        if not await self._memory.reserve(count, ENQUEUE_WAIT_SECONDS):
+        if not self._memory.try_reserve(count) and not await self._memory.reserve(count, ENQUEUE_WAIT_SECONDS):
             return "the pipeline is full (MAX_BUFFER_EVENTS); retry later"
         self._to_batcher(Delivery(rows, count, received_at, None, confirmation))
         return None
@@ -191,9 +191,9 @@ class Receiver:
 
     def _ack_mode_of(self, request: web.Request) -> str | None:
         """The request's acknowledgement mode, or None when its query asks for an unknown one."""
-        query = request.query
-        if not query:
+        if not request.query_string:  # the common case, without parsing a query
             return self._ack_mode
+        query = request.query
         if query.get("wait", "").lower() in ("true", "1", "yes"):
             return "clickhouse"
         mode = query.get("ack", self._ack_mode).lower()
