@@ -32,7 +32,7 @@ from tests.deploy_files import (
     read_compose,
     read_dockerfile,
 )
-from tests.servers import free_port
+from tests.servers import free_port, stop_process
 
 pytestmark = pytest.mark.integration
 
@@ -100,12 +100,7 @@ def deployed_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple
         wait_until_listening(f"http://127.0.0.1:{port}/healthz", process, log)
         yield port, base_env
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
 
 
 @pytest.mark.parametrize("name", list(healthcheck_commands()))
