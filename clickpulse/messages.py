@@ -1,9 +1,23 @@
-"""The typed messages actors pass to each other."""
+"""Every message, sentinel and signal the actors exchange, defined once.
+
+A `Delivery` is one request's rows; a `Batch` is whole deliveries inserted together and resolves
+the waiters of its requests itself (written, rejected into the quarantine, or failed). `Refused`
+is the intake port's typed refusal; `PipelineDown` is the answer given to everyone still waiting
+when an actor has died.
+"""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Collection
 from dataclasses import dataclass, field
+from typing import Final, Literal
+
+AckMode = Literal["memory", "disk", "clickhouse"]
+ACK_MODES: Final[tuple[AckMode, ...]] = ("memory", "disk", "clickhouse")
+# "replay": the batch in flight at a crash, recovered from the spool and inserted as it was.
+FlushTrigger = Literal["size", "interval", "shutdown", "replay"]
+RefusalReason = Literal["overloaded", "shutting_down"]
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -22,7 +36,7 @@ class Delivery:
     count: int
     received_at: float  # event-loop clock, for flush deadlines and freshness
     position: SpoolPosition | None = None  # None when there is no spool
-    # Completed by the Writer with the number of rows written, for ?ack=clickhouse requests.
+    # Completed with the number of rows written, for ?ack=clickhouse requests.
     confirmation: asyncio.Future[int] | None = None
 
 
@@ -31,7 +45,7 @@ class Batch:
     """Whole deliveries flushed together: one INSERT (or, on rejection, a few smaller ones)."""
 
     deliveries: list[Delivery]
-    trigger: str
+    trigger: FlushTrigger
     count: int = field(default=0)
 
     def __post_init__(self) -> None:
@@ -50,6 +64,47 @@ class Batch:
     def last_position(self) -> SpoolPosition | None:
         return self.deliveries[-1].position
 
+    def body(self) -> bytes:
+        """The rows of every delivery, joined once: the INSERT's body."""
+        deliveries = self.deliveries
+        return deliveries[0].rows if len(deliveries) == 1 else b"".join(delivery.rows for delivery in deliveries)
+
+    def resolve(self, rejected_rows: Collection[int] = (), quarantine: str = "") -> None:
+        """ClickHouse has every row, except `rejected_rows` (indices in the batch), which went to
+        `quarantine`. Each waiting request learns what happened to its own rows."""
+        first_row = 0
+        for delivery in self.deliveries:
+            confirmation = delivery.confirmation
+            if confirmation is not None and not confirmation.done():
+                last_row = first_row + delivery.count
+                rejected = sum(1 for row in rejected_rows if first_row <= row < last_row)
+                if rejected:
+                    confirmation.set_exception(RowsRejected(rejected, delivery.count - rejected, quarantine))
+                else:
+                    confirmation.set_result(delivery.count)
+            first_row += delivery.count
+
+    def fail(self, error: BaseException) -> None:
+        """Nothing more will happen to these rows in this process: every waiter gets `error`."""
+        for delivery in self.deliveries:
+            fail_waiter(delivery.confirmation, error)
+
+
+def fail_waiter(confirmation: asyncio.Future[int] | None, error: BaseException) -> None:
+    if confirmation is not None and not confirmation.done():
+        confirmation.set_exception(error)
+        # Nobody may be awaiting it any more (the request timed out): not an "unretrieved" error.
+        confirmation.exception()
+
+
+class Stop:
+    """Mailbox message: finish what came before, then end `run()`."""
+
+    __slots__ = ()
+
+
+STOP: Final = Stop()
+
 
 class RowsRejected(Exception):
     """ClickHouse refused some rows of a request as data; they went to the quarantine."""
@@ -59,3 +114,16 @@ class RowsRejected(Exception):
         self.rejected = rejected
         self.written = written
         self.destination = destination
+
+
+class Refused(Exception):
+    """The intake port could not take a request's rows; answered 503 with Retry-After."""
+
+    def __init__(self, reason: RefusalReason, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.reason: RefusalReason = reason
+        self.retry_after = retry_after
+
+
+class PipelineDown(Exception):
+    """An actor has died: whatever still waits on it is answered now (503), not at its timeout."""
