@@ -18,24 +18,15 @@ import asyncio
 import collections
 from collections.abc import Awaitable, Callable
 
-from clickpulse.messages import Batch, Delivery
-from clickpulse.metrics import BatcherMetrics
-
-FLUSH_TRIGGERS = ("size", "interval", "shutdown")
-
-
-class _Stop:
-    """Mailbox message: flush everything and end `run()`."""
-
-
-_STOP = _Stop()
+from clickpulse.messages import STOP, Batch, Delivery, PipelineDown, Stop, fail_waiter
+from clickpulse.metrics import BatcherMetrics, FlushCause
 
 
 class EventMailbox:
     """The Batcher's mailbox: Deliveries in arrival order, with a count of their events."""
 
     def __init__(self) -> None:
-        self._messages: collections.deque[Delivery | Batch | _Stop] = collections.deque()
+        self._messages: collections.deque[Delivery | Batch | Stop] = collections.deque()
         self._events = 0
         self._arrival: asyncio.Future[None] | None = None
 
@@ -48,14 +39,14 @@ class EventMailbox:
         """When the oldest waiting delivery was received (event-loop clock); None when there is none."""
         return next((message.received_at for message in self._messages if isinstance(message, Delivery)), None)
 
-    def put(self, message: Delivery | Batch | _Stop) -> None:
+    def put(self, message: Delivery | Batch | Stop) -> None:
         self._messages.append(message)
         if isinstance(message, Delivery):
             self._events += message.count
         if self._arrival is not None and not self._arrival.done():
             self._arrival.set_result(None)
 
-    async def get(self, deadline: float | None) -> Delivery | Batch | _Stop | None:
+    async def get(self, deadline: float | None) -> Delivery | Batch | Stop | None:
         """The next message, or None once the event-loop clock passes `deadline`."""
         if not self._messages:
             loop = asyncio.get_running_loop()
@@ -73,6 +64,13 @@ class EventMailbox:
         if isinstance(message, Delivery):
             self._events -= message.count
         return message
+
+    def fail_waiters(self, error: BaseException) -> None:
+        for message in self._messages:
+            if isinstance(message, Delivery):
+                fail_waiter(message.confirmation, error)
+            elif isinstance(message, Batch):
+                message.fail(error)
 
     @staticmethod
     def _expire(arrival: asyncio.Future[None]) -> None:
@@ -98,13 +96,9 @@ class Batcher:
         self._buffer: list[Delivery] = []
         self._buffered_events = 0
         self._mailbox = EventMailbox()
-        metrics.measure_oldest_event_age_with(self.oldest_event_age)
-        metrics.measure_held_events_with(lambda: (self._mailbox.events, self._buffered_events))
-        for trigger in FLUSH_TRIGGERS:  # a series from the start: "no flush yet" must read as 0, not as no data
-            metrics.batch_flushes.add({"trigger": trigger}, 0)
 
     def put(self, delivery: Delivery | Batch) -> None:
-        """Takes one request's events. The caller reserved them in the MemoryLimit first.
+        """Takes one request's events. The intake reserved them in the MemoryLimit first.
         A whole Batch (the spool's batch in flight at a crash) goes to the Writer as it is, after
         what was buffered before it: its rows must be inserted exactly as they were the first time."""
         self._mailbox.put(delivery)
@@ -116,9 +110,25 @@ class Batcher:
 
     async def stop(self) -> None:
         """Asks `run()` to flush everything it holds and return. Call after intake has stopped."""
-        self._mailbox.put(_STOP)
+        self._mailbox.put(STOP)
+
+    def publish_metrics(self) -> None:
+        """Sets the Batcher's gauges from its state; called at every scrape, not at every request,
+        where the updates cost more than they told."""
+        self._metrics.publish(self._mailbox.events, self._buffered_events, self.oldest_event_age())
 
     async def run(self) -> None:
+        try:
+            await self._run()
+        finally:
+            # Ended by a crash or a cancellation: what it still holds will not be written by this
+            # process, so whoever waits for it is answered now. (After a clean stop it holds nothing.)
+            down = PipelineDown("the batcher has stopped")
+            for delivery in self._buffer:
+                fail_waiter(delivery.confirmation, down)
+            self._mailbox.fail_waiters(down)
+
+    async def _run(self) -> None:
         deadline: float | None = None
         while True:
             message = await self._mailbox.get(deadline)
@@ -126,7 +136,7 @@ class Batcher:
                 await self._flush("interval")
                 deadline = None
                 continue
-            if isinstance(message, _Stop):
+            if isinstance(message, Stop):
                 if self._buffer:
                     await self._flush("shutdown")
                 return
@@ -147,7 +157,7 @@ class Batcher:
                 await self._flush("size")
                 deadline = None
 
-    async def _flush(self, trigger: str) -> None:
+    async def _flush(self, trigger: FlushCause) -> None:
         batch = Batch(self._buffer, trigger, self._buffered_events)
         self._buffer = []
         self._buffered_events = 0

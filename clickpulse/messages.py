@@ -79,7 +79,7 @@ class Batch:
                 last_row = first_row + delivery.count
                 rejected = sum(1 for row in rejected_rows if first_row <= row < last_row)
                 if rejected:
-                    confirmation.set_exception(RowsRejected(rejected, delivery.count - rejected, quarantine))
+                    fail_waiter(confirmation, RowsRejected(rejected, delivery.count - rejected, quarantine))
                 else:
                     confirmation.set_result(delivery.count)
             first_row += delivery.count
@@ -91,6 +91,7 @@ class Batch:
 
 
 def fail_waiter(confirmation: asyncio.Future[int] | None, error: BaseException) -> None:
+    """Completes a request's confirmation with `error`, unless it is already complete."""
     if confirmation is not None and not confirmation.done():
         confirmation.set_exception(error)
         # Nobody may be awaiting it any more (the request timed out): not an "unretrieved" error.

@@ -1,23 +1,42 @@
 """Metric definitions, one group per actor, all registered in the one Registry the supervisor owns.
 
 Label values come from fixed sets only (route templates, status codes, flush triggers, error
-kinds); nothing a client sends becomes a label value. Each actor zeroes its labelled counters for
-every value of its fixed set when it starts, and unlabelled counters and histograms start at zero
-here: a series that only appears at its first increment hides that increment from `rate()` and
-leaves alert expressions without data until something goes wrong.
+kinds); nothing a client sends becomes a label value. The sets are defined here, next to the
+metrics they label, as Literal types, and every labelled counter is zeroed here for every value
+of its set, as are unlabelled counters and histograms: a series that only appears at its first
+increment hides that increment from `rate()` and leaves alert expressions without data until
+something goes wrong.
+
+Values that describe "now" (an age, how much is held, CPU time) are read at scrape time through
+one mechanism, `PipelineMetrics.on_scrape`: the stage that owns the state registers a function
+that sets its gauges, and every render runs them first.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
+from typing import Final, Literal, get_args
 
 from aioprometheus import Registry
 from aioprometheus.formats.text import TextFormatter
 
 from clickpulse.collectors import Counter, Gauge, Histogram
-
 from clickpulse.process_metrics import ProcessMetrics
+
+# The label value sets.
+RejectReason = Literal["invalid", "too_large", "unsupported_type", "overloaded", "shutting_down"]
+FlushCause = Literal["size", "interval", "shutdown"]  # what made the Batcher flush
+ErrorKind = Literal["connection", "timeout", "server", "rejected", "schema"]
+InsertResult = Literal["ok", "error"]
+DropReason = Literal["rejected", "shutdown"]
+QuarantineDestination = Literal["table", "file", "log"]
+REJECT_REASONS: Final[tuple[RejectReason, ...]] = get_args(RejectReason)
+FLUSH_TRIGGERS: Final[tuple[FlushCause, ...]] = get_args(FlushCause)
+ERROR_KINDS: Final[tuple[ErrorKind, ...]] = get_args(ErrorKind)
+INSERT_RESULTS: Final[tuple[InsertResult, ...]] = get_args(InsertResult)
+DROP_REASONS: Final[tuple[DropReason, ...]] = get_args(DropReason)
+QUARANTINE_DESTINATIONS: Final[tuple[QuarantineDestination, ...]] = get_args(QuarantineDestination)
 
 INF = float("inf")
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, INF)
@@ -53,6 +72,12 @@ def unlabelled_counter(name: str, doc: str, registry: Registry) -> Counter:
     return counter
 
 
+def zero_each(counter: Counter, label: str, values: Sequence[str]) -> Counter:
+    for value in values:
+        counter.add({label: value}, 0)
+    return counter
+
+
 def unlabelled_histogram(name: str, doc: str, registry: Registry, buckets: Sequence[float]) -> Histogram:
     histogram = Histogram(name, doc, registry=registry, buckets=buckets)
     histogram.zero({})
@@ -73,12 +98,12 @@ class ReceiverMetrics:
         self.events_received = unlabelled_counter(
             "events_received_total", "Events accepted into the pipeline (answered 202).", registry
         )
-        self.requests_rejected = Counter(
+        self.requests_rejected = zero_each(Counter(
             "requests_rejected_total",
             "Requests refused before reaching the pipeline, by reason "
             "(invalid, too_large, unsupported_type, overloaded, shutting_down).",
             registry=registry,
-        )
+        ), "reason", REJECT_REASONS)
         self.request_body_bytes = unlabelled_histogram(
             "http_request_body_bytes",
             "Body size of each POST /events request read, accepted or not (a body refused by its "
@@ -112,48 +137,36 @@ class BatcherMetrics:
             "How long the oldest event the Batcher holds (buffer, else mailbox) has waited; 0 when it holds none.",
             registry=registry,
         )
-        self.batch_flushes = Counter(
+        self.batch_flushes = zero_each(Counter(
             "batch_flush_total", "Batches handed to the Writer, by trigger (size, interval, shutdown).", registry=registry
-        )
+        ), "trigger", FLUSH_TRIGGERS)
         self.batch_size = Gauge("batch_size", "Rows in the most recently flushed batch.", registry=registry)
         self.batch_rows = unlabelled_histogram("batch_rows", "Rows per flushed batch.", registry, BATCH_ROW_BUCKETS)
         for gauge in (self.buffer_events, self.mailbox_events, self.buffered_events, self.oldest_event_age):
             gauge.set({}, 0)
-        self._oldest_event_age_source: Callable[[], float] | None = None
-        self._held_events_source: Callable[[], tuple[int, int]] | None = None
 
-    def measure_oldest_event_age_with(self, source: Callable[[], float]) -> None:
-        """The Batcher says how to compute the age; `refresh()` asks at every scrape, so a scrape
-        sees the age grow even while the Batcher sleeps until its next flush."""
-        self._oldest_event_age_source = source
-
-    def measure_held_events_with(self, source: Callable[[], tuple[int, int]]) -> None:
-        """(mailbox events, buffered events), read at every scrape rather than set at every
-        request: on the single-event path those gauge updates cost more than they told."""
-        self._held_events_source = source
-
-    def refresh(self) -> None:
-        if self._oldest_event_age_source is not None:
-            self.oldest_event_age.set({}, self._oldest_event_age_source())
-        if self._held_events_source is not None:
-            mailbox, buffered = self._held_events_source()
-            self.mailbox_events.set({}, mailbox)
-            self.buffered_events.set({}, buffered)
-            self.buffer_events.set({}, mailbox + buffered)
+    def publish(self, mailbox_events: int, buffered_events: int, oldest_event_age: float) -> None:
+        self.mailbox_events.set({}, mailbox_events)
+        self.buffered_events.set({}, buffered_events)
+        self.buffer_events.set({}, mailbox_events + buffered_events)
+        self.oldest_event_age.set({}, oldest_event_age)
 
 
 class WriterMetrics:
     def __init__(self, registry: Registry) -> None:
-        self.insert_errors = Counter(
+        self.insert_errors = zero_each(Counter(
             "clickhouse_insert_errors_total",
             "Failed ClickHouse requests by kind (connection, timeout, server, rejected, schema).",
             registry=registry,
-        )
+        ), "kind", ERROR_KINDS)
         self.rows_written = unlabelled_counter("clickhouse_rows_written_total", "Rows ClickHouse confirmed.", registry)
         self.bytes_written = unlabelled_counter(
             "clickhouse_bytes_written_total", "JSONEachRow body bytes ClickHouse confirmed.", registry
         )
-        self.inserts = Counter("clickhouse_inserts_total", "INSERT requests by result (ok, error).", registry=registry)
+        self.inserts = zero_each(
+            Counter("clickhouse_inserts_total", "INSERT requests by result (ok, error).", registry=registry),
+            "result", INSERT_RESULTS,
+        )
         self.insert_duration = unlabelled_histogram(
             "clickhouse_insert_duration_seconds",
             "Duration of one INSERT request, successful or not.",
@@ -180,11 +193,11 @@ class WriterMetrics:
             registry,
             END_TO_END_BUCKETS,
         )
-        self.events_dropped = Counter(
+        self.events_dropped = zero_each(Counter(
             "events_dropped_total",
             "Acknowledged events that will never reach ClickHouse, by reason (rejected, shutdown). Should stay 0.",
             registry=registry,
-        )
+        ), "reason", DROP_REASONS)
         self.up = Gauge(
             "clickhouse_up", "1 when the last request to ClickHouse succeeded, else 0.", registry=registry
         )
@@ -194,12 +207,12 @@ class WriterMetrics:
             "INSERT attempts repeated after a transient failure (connection, time-out, server error).",
             registry,
         )
-        self.quarantined = Counter(
+        self.quarantined = zero_each(Counter(
             "events_quarantined_total",
             "Events ClickHouse rejected as data, kept aside by destination (table: <table>_quarantine, "
             "file: quarantine.ndjson in SPOOL_DIR, log: only in the error log when neither could be written).",
             registry=registry,
-        )
+        ), "destination", QUARANTINE_DESTINATIONS)
         self.memory_events = Gauge(
             "pipeline_memory_events",
             "Events held in memory anywhere in the pipeline (mailboxes, buffer, batches being written); "
@@ -207,6 +220,8 @@ class WriterMetrics:
             registry=registry,
         )
         self.memory_events.set({}, 0)
+        self.up.set({}, 0)
+        self.pending_events.set({}, 0)
         self.backend_info = Gauge(
             "clickhouse_backend_info",
             "1 for the backend the Writer uses: http (a ClickHouse server) or embedded (chDB in DATA_DIR).",
@@ -268,17 +283,13 @@ class PipelineMetrics:
         self.spool = SpoolMetrics(self.registry)
         self.process = ProcessMetrics(self.registry)
         self._formatter = TextFormatter()
-        self._on_scrape: list[Callable[[], None]] = []
+        self._on_scrape: list[Callable[[], None]] = [self.process.refresh]
 
     def on_scrape(self, refresh: Callable[[], None]) -> None:
         """Runs `refresh` before every render, for gauges read from their owner's state."""
         self._on_scrape.append(refresh)
 
     def render(self) -> bytes:
-        # Values that describe "now" (an age, CPU time, memory) are computed here rather than when
-        # something happens, so every scrape sees their current value.
-        self.batcher.refresh()
-        self.process.refresh()
         for refresh in self._on_scrape:
             refresh()
         return self._formatter.marshall(self.registry)

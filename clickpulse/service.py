@@ -1,6 +1,12 @@
-"""The supervisor: builds the actors from one Config, starts them writer → batcher → spool →
-receiver, stops them in reverse, and decides what an actor's unexpected death means (the process
-exits non-zero so the orchestrator restarts it, rather than answering 202 while nothing writes).
+"""Building and supervising the pipeline.
+
+`build_pipeline` makes every part from one Config into a `Pipeline` whose fields are never None:
+the ClickHouse connection, the buffering path (the memory intake, or the spool when SPOOL_DIR is
+set: the same object is the HTTP layer's intake port and the Writer's ledger), the Writer, the
+Batcher and the HTTP application. The supervisor, `Service`, only orders them: it starts
+writer → batcher → buffering path → HTTP, stops them in reverse, and decides what an actor's
+unexpected death means: everyone still waiting is answered at once (503), and the process exits
+non-zero so the orchestrator restarts it, rather than answering 202 while nothing writes.
 """
 
 from __future__ import annotations
@@ -8,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -17,12 +25,14 @@ from aioprometheus import Registry
 from clickpulse.batcher import Batcher
 from clickpulse.clickhouse import ClickHouseConnection, EmbeddedClickHouse, HttpClickHouse
 from clickpulse.config import Config
+from clickpulse.http.app import HttpApp
+from clickpulse.intake import MemoryIntake
 from clickpulse.memory_limit import MemoryLimit
 from clickpulse.messages import Batch, Delivery
 from clickpulse.metrics import PipelineMetrics
-from clickpulse.receiver import Receiver
+from clickpulse.ports import BufferingPath
 from clickpulse.spool import Spool
-from clickpulse.writer import Writer
+from clickpulse.writer import Writer, build_writer
 
 log = logging.getLogger(__name__)
 
@@ -32,137 +42,202 @@ HTTP_DRAIN_SECONDS = 5.0
 # Spool segments roll at this size (or a quarter of SPOOL_MAX_BYTES, if smaller), so confirmed
 # data is deleted segment by segment while an outage is being caught up.
 SPOOL_SEGMENT_BYTES = 32 << 20
-NEARLY_FULL = 0.9
+
+Actor = Callable[[], Coroutine[Any, Any, None]]
+
+
+class Lifeline:
+    """Whether every actor still runs. `down` completes when one has died; whoever waits on the
+    pipeline (a request waiting for its confirmation) races against it."""
+
+    def __init__(self) -> None:
+        self.down: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.dead_actor: str | None = None
+
+    def actor_died(self, name: str) -> None:
+        self.dead_actor = self.dead_actor or name
+        if not self.down.done():
+            self.down.set_result(None)
+
+
+@dataclass(frozen=True, slots=True)
+class Pipeline:
+    config: Config
+    metrics: PipelineMetrics
+    lifeline: Lifeline
+    session: aiohttp.ClientSession
+    connection: ClickHouseConnection
+    memory: MemoryLimit
+    buffering: BufferingPath
+    writer: Writer
+    batcher: Batcher
+    http: HttpApp
+    actors: Mapping[str, Actor]  # in start order
+    listening: Callable[[str], None]  # told the service's own URL once it listens
+
+    def not_ready_reason(self) -> str | None:
+        if self.lifeline.dead_actor is not None:
+            return f"{self.lifeline.dead_actor} actor is not running"
+        return self.buffering.not_ready_reason() or self.writer.not_ready_reason()
+
+
+def build_pipeline(config: Config, metrics: PipelineMetrics) -> Pipeline:
+    """Every part, wired; nothing started. Call inside the event loop that will run it."""
+    # First, so that a missing chdb or a busy DATA_DIR stops the start before anything opens.
+    embedded = EmbeddedClickHouse(config.data_dir) if config.clickhouse is None else None
+    # Every ClickHouse request has its own time limit (CLICKHOUSE_TIMEOUT) in the Writer.
+    session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
+    connection: ClickHouseConnection
+    if config.clickhouse is None:
+        assert embedded is not None
+        connection, database = embedded, "default"
+    else:
+        connection, database = HttpClickHouse(config.clickhouse, session), config.clickhouse.database
+    metrics.writer.backend_info.set({"backend": connection.backend}, 1)
+
+    memory = MemoryLimit(config.max_buffer_events)
+    metrics.batcher.buffer_capacity_events.set({}, config.max_buffer_events)
+    metrics.on_scrape(lambda: metrics.writer.memory_events.set({}, memory.held))
+
+    def to_batcher(message: Delivery | Batch) -> None:
+        batcher.put(message)  # bound below: data flows to the Batcher, outcomes back to the path
+
+    buffering: BufferingPath
+    actors: dict[str, Actor] = {}
+    if config.spool_dir is not None:
+        spool = Spool(
+            directory=config.spool_dir,
+            max_bytes=config.spool_max_bytes,
+            segment_bytes=min(SPOOL_SEGMENT_BYTES, max(1, config.spool_max_bytes // 4)),
+            memory=memory,
+            deliver=to_batcher,
+            metrics=metrics.spool,
+        )
+        metrics.spool.capacity_bytes.set({}, config.spool_max_bytes)
+        metrics.on_scrape(spool.publish_metrics)
+        buffering = spool
+    else:
+        buffering = MemoryIntake(memory=memory, to_batcher=to_batcher)
+    writer = build_writer(
+        connection=connection,
+        database=database,
+        table=config.clickhouse_table,
+        create_table=config.clickhouse_create_table,
+        timeout=config.clickhouse_timeout,
+        ready_grace=config.clickhouse_down_grace,
+        quarantine_directory=config.spool_dir,
+        ledger=buffering,
+        metrics=metrics.writer,
+    )
+    batcher = Batcher(
+        batch_size=config.batch_size,
+        flush_interval=config.flush_interval,
+        hand_to_writer=writer.submit,
+        metrics=metrics.batcher,
+    )
+    metrics.on_scrape(batcher.publish_metrics)
+    actors["writer"] = writer.run
+    actors["batcher"] = batcher.run
+    if isinstance(buffering, Spool):
+        actors["spool"] = buffering.run
+
+    lifeline = Lifeline()
+    query = None
+    if embedded is not None:
+        # Through the same connection as the Writer's inserts: the embedded store admits one user.
+        store, timeout = embedded, config.clickhouse_timeout
+
+        async def query(sql: str) -> str:
+            async with asyncio.timeout(timeout):
+                return await store.query_text(sql, "default")
+
+    pipeline: Pipeline
+    http = HttpApp(
+        intake=buffering,
+        max_body_bytes=config.max_body_bytes,
+        max_batch_events=config.max_batch_events,
+        ack_mode=config.ack_mode,
+        ack_timeout=config.ack_timeout,
+        not_ready_reason=lambda: pipeline.not_ready_reason(),
+        pipeline_down=lifeline.down,
+        metrics=metrics,
+        query=query,
+    )
+    pipeline = Pipeline(
+        config=config,
+        metrics=metrics,
+        lifeline=lifeline,
+        session=session,
+        connection=connection,
+        memory=memory,
+        buffering=buffering,
+        writer=writer,
+        batcher=batcher,
+        http=http,
+        actors=actors,
+        listening=embedded.lock.advertise if embedded is not None else lambda url: None,
+    )
+    return pipeline
 
 
 class Service:
+    """The supervisor. Build inside the event loop that runs it; then `start()` and `stop()`."""
+
     def __init__(self, config: Config, registry: Registry | None = None) -> None:
         self.config = config
         self.metrics = PipelineMetrics(registry)
+        self.pipeline = build_pipeline(config, self.metrics)
         self.failed = asyncio.Event()
-        self.port: int | None = None
-        self._stopping = False
-        self._session: aiohttp.ClientSession | None = None
-        self._runner: web.AppRunner | None = None
+        self.port = 0  # the real port once started (HTTP_PORT=0 picks a free one)
+        self.stopping = False
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        self.connection: ClickHouseConnection | None = None
-        self.memory: MemoryLimit | None = None
-        self.spool: Spool | None = None
-        self.writer: Writer | None = None
-        self.batcher: Batcher | None = None
-        self.receiver: Receiver | None = None
-
-    async def start(self) -> None:
-        config = self.config
-        self.memory = MemoryLimit(config.max_buffer_events)
-        memory, memory_gauge = self.memory, self.metrics.writer.memory_events
-        self.metrics.on_scrape(lambda: memory_gauge.set({}, memory.held))
-        self.metrics.batcher.buffer_capacity_events.set({}, config.max_buffer_events)
-        if config.spool_dir is not None:
-            self.spool = Spool(
-                directory=config.spool_dir,
-                max_bytes=config.spool_max_bytes,
-                segment_bytes=min(SPOOL_SEGMENT_BYTES, max(1, config.spool_max_bytes // 4)),
-                memory=self.memory,
-                deliver=self._deliver_to_batcher,
-                metrics=self.metrics.spool,
-            )
-            self.metrics.spool.capacity_bytes.set({}, config.spool_max_bytes)
-            self.metrics.on_scrape(self.spool.publish_metrics)
-        # First, so that a missing chdb or a busy DATA_DIR stops the start before anything opens.
-        embedded = EmbeddedClickHouse(config.data_dir) if config.clickhouse is None else None
-        # Every ClickHouse request has its own time limit (CLICKHOUSE_TIMEOUT) in the Writer.
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
-        if config.clickhouse is None:
-            self.connection, database = embedded, "default"
-        else:
-            self.connection = HttpClickHouse(config.clickhouse, self._session)
-            database = config.clickhouse.database
-        self.writer = Writer(
-            connection=self.connection,
-            database=database,
-            table=config.clickhouse_table,
-            create_table=config.clickhouse_create_table,
-            timeout=config.clickhouse_timeout,
-            metrics=self.metrics.writer,
-            memory=self.memory,
-            spool=self.spool,
-            quarantine_directory=config.spool_dir,
-            ready_grace=config.clickhouse_down_grace,
-        )
-        self.batcher = Batcher(
-            batch_size=config.batch_size,
-            flush_interval=config.flush_interval,
-            hand_to_writer=self.writer.submit,
-            metrics=self.metrics.batcher,
-        )
-        recovered = self.spool.open() if self.spool is not None else None
-        self._start_actor("writer", self.writer.run())
-        if recovered is not None:
-            await self.writer.submit(recovered)  # the batch in flight at a crash goes first
-        self._start_actor("batcher", self.batcher.run())
-        if self.spool is not None:
-            self._start_actor("spool", self.spool.run())
-        self.receiver = Receiver(
-            max_body_bytes=config.max_body_bytes,
-            max_batch_events=config.max_batch_events,
-            ack_mode=config.ack_mode,
-            ack_timeout=config.ack_timeout,
-            memory=self.memory,
-            to_batcher=self._deliver_to_batcher,
-            spool=self.spool,
-            not_ready_reason=self.not_ready_reason,
-            metrics=self.metrics,
-            query=self.writer.query if embedded is not None else None,
-        )
         # aiohttp waits up to shutdown_timeout for a handler to finish, then as long again once it
         # is cancelled: the HTTP drain takes at most half of SHUTDOWN_TIMEOUT, inside its deadline.
         http_drain = min(HTTP_DRAIN_SECONDS, config.shutdown_timeout / 4)
         self._runner = web.AppRunner(
-            self.receiver.build_app(), access_log=None, handle_signals=False, shutdown_timeout=http_drain
+            self.pipeline.http.build(), access_log=None, handle_signals=False, shutdown_timeout=http_drain
         )
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, config.http_host, config.http_port)
-        await site.start()
-        self.port = self._runner.addresses[0][1]  # the real port when HTTP_PORT=0
-        if embedded is not None:
-            local_host = "127.0.0.1" if config.http_host in ("0.0.0.0", "::", "") else config.http_host
-            embedded.lock.advertise(f"http://{local_host}:{self.port}")
+
+    async def start(self) -> None:
+        pipeline, config = self.pipeline, self.config
+        await pipeline.buffering.open()
+        for name, run in pipeline.actors.items():
+            self._start_actor(name, run())
+        try:
+            await self._runner.setup()
+            await web.TCPSite(self._runner, config.http_host, config.http_port).start()
+        except BaseException:
+            # The port is taken, say: nothing may be left open behind the error.
+            self.stopping = True
+            self.abort()
+            await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+            await self._runner.cleanup()
+            await pipeline.buffering.close()
+            await pipeline.connection.close()
+            await pipeline.session.close()
+            raise
+        self.port = self._runner.addresses[0][1]
+        local_host = "127.0.0.1" if config.http_host in ("0.0.0.0", "::", "") else config.http_host
+        pipeline.listening(f"http://{local_host}:{self.port}")
         log.info(
             "clickpulse listening on http://%s:%d, writing to %s, table %s; ack mode %s, %s",
-            config.http_host, self.port, self.connection.description, config.clickhouse_table, config.ack_mode,
+            config.http_host, self.port, pipeline.connection.description, config.clickhouse_table, config.ack_mode,
             f"spool in {config.spool_dir}" if config.spool_dir else "no spool (events are held in memory only)",
         )
 
-    def _deliver_to_batcher(self, delivery: Delivery | Batch) -> None:
-        assert self.batcher is not None
-        self.batcher.put(delivery)
-
     def not_ready_reason(self) -> str | None:
-        for name, task in self._tasks.items():
-            if task.done():
-                return f"{name} actor is not running"
-        assert self.writer is not None and self.memory is not None
-        if self.spool is not None:
-            reason = self.spool.not_ready_reason()
-            if reason:
-                return reason
-        elif self.memory.fill_ratio >= NEARLY_FULL:
-            return f"buffer {self.memory.fill_ratio:.0%} full (MAX_BUFFER_EVENTS={self.memory.capacity_events})"
-        return self.writer.not_ready_reason()
+        return self.pipeline.not_ready_reason()
 
     async def stop(self) -> int:
         """Drains within SHUTDOWN_TIMEOUT; returns how many acknowledged events are lost (with a
         spool: none, whatever ClickHouse did not confirm is replayed at the next start)."""
-        self._stopping = True
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.config.shutdown_timeout
-        assert self.receiver and self.batcher and self.writer and self._runner and self._session
-        self.receiver.stop_intake()
+        self.stopping = True
+        pipeline = self.pipeline
+        deadline = asyncio.get_running_loop().time() + self.config.shutdown_timeout
+        pipeline.http.stop_intake()
         await self._runner.cleanup()  # stops listening, waits for in-flight requests
-        if self.spool is not None:
-            self.spool.stop_forwarding()
-        for name, stop in (("batcher", self.batcher.stop), ("writer", self.writer.stop)):
+        pipeline.buffering.stop_forwarding()
+        for name, stop in (("batcher", pipeline.batcher.stop), ("writer", pipeline.writer.stop)):
             task = self._tasks[name]
             try:
                 async with asyncio.timeout_at(deadline):
@@ -173,36 +248,47 @@ class Service:
                 log.error("%s did not finish within SHUTDOWN_TIMEOUT=%ss", name, self.config.shutdown_timeout)
             except Exception:  # noqa: BLE001 - already logged by the task's callback
                 pass
-        for task in self._tasks.values():
-            task.cancel()
+        self.abort()
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
-        # Without a spool, what the Batcher still holds is lost too, and counted like the Writer's.
-        held_by_batcher = 0 if self.spool is not None else self.batcher.held_events
-        if held_by_batcher:
-            self.metrics.writer.events_dropped.add({"reason": "shutdown"}, held_by_batcher)
-        lost = self.writer.abandon() + held_by_batcher
-        if self.spool is not None:
-            self.spool.close()
-            unconfirmed = self.spool.unconfirmed_events
-            if unconfirmed:
-                log.warning("shutdown: %d unconfirmed events stay in the spool for the next start", unconfirmed)
-            else:
-                log.info("shutdown: every acknowledged event was written")
+        lost = self._count_unwritten()
+        await pipeline.buffering.close()
+        if pipeline.buffering.keeps_unwritten and pipeline.buffering.unconfirmed_events:
+            log.warning(
+                "shutdown: %d unconfirmed events stay in the spool for the next start",
+                pipeline.buffering.unconfirmed_events,
+            )
         elif lost:
             log.error("shutdown: %d acknowledged events were NOT written to ClickHouse", lost)
         else:
             log.info("shutdown: every acknowledged event was written")
-        await self.connection.close()
-        await self._session.close()
+        await pipeline.connection.close()
+        await pipeline.session.close()
         return lost
 
-    def _start_actor(self, name: str, coroutine: Any) -> None:
+    def abort(self) -> None:
+        """Cancels every actor task (a drain that ran out of time, or a test that must end)."""
+        for task in self._tasks.values():
+            task.cancel()
+
+    def _count_unwritten(self) -> int:
+        """Events accepted and never written; with a spool they are kept, so none is lost."""
+        pipeline = self.pipeline
+        unwritten_by_writer = pipeline.writer.abandon()
+        held_by_batcher = pipeline.batcher.held_events
+        if pipeline.buffering.keeps_unwritten:
+            return 0
+        lost = unwritten_by_writer + held_by_batcher
+        if lost:
+            self.metrics.writer.events_dropped.add({"reason": "shutdown"}, lost)
+        return lost
+
+    def _start_actor(self, name: str, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coroutine, name=f"clickpulse-{name}")
         task.add_done_callback(lambda finished: self._actor_ended(name, finished))
         self._tasks[name] = task
 
     def _actor_ended(self, name: str, task: asyncio.Task[None]) -> None:
-        if self._stopping:
+        if self.stopping:
             return
         if task.cancelled():
             log.error("%s actor was cancelled unexpectedly", name)
@@ -210,6 +296,7 @@ class Service:
             log.error("%s actor crashed", name, exc_info=task.exception())
         else:
             log.error("%s actor returned unexpectedly", name)
+        self.pipeline.lifeline.actor_died(name)
         self.failed.set()
 
 

@@ -356,7 +356,7 @@ async def test_a_blocked_writer_stops_the_batcher_and_deliveries_wait_in_the_mai
 
     assert len(handed) == 1
     assert harness.batcher.held_events == 13
-    harness.metrics.refresh()
+    harness.batcher.publish_metrics()
     assert harness.metrics.mailbox_events.get({}) == 13
 
     writer_free.set()
@@ -372,7 +372,7 @@ async def test_a_blocked_writer_stops_the_batcher_and_deliveries_wait_in_the_mai
 async def test_metrics_buffer_events_flush_counts_and_batch_size(start_batcher: MakeHarness) -> None:
     harness = await start_batcher(batch_size=10, flush_interval=10.0)
     metrics = harness.metrics
-    metrics.refresh()
+    harness.batcher.publish_metrics()
     assert metrics.buffer_events.get({}) == 0
 
     for count in (5, 5, 6, 4, 3):
@@ -382,16 +382,16 @@ async def test_metrics_buffer_events_flush_counts_and_batch_size(start_batcher: 
 
     assert metrics.batch_flushes.get({"trigger": "size"}) == 2
     assert metrics.batch_size.get({}) == 10
-    metrics.refresh()
+    harness.batcher.publish_metrics()
     assert metrics.buffer_events.get({}) == 3
-    metrics.refresh()
+    harness.batcher.publish_metrics()
     assert metrics.buffered_events.get({}) == 3
 
     await harness.stop()
 
     assert metrics.batch_flushes.get({"trigger": "shutdown"}) == 1
     assert metrics.batch_size.get({}) == 3
-    metrics.refresh()
+    harness.batcher.publish_metrics()
     assert metrics.buffer_events.get({}) == 0
     assert metrics.batch_rows.get({})["count"] == 3
     assert metrics.batch_rows.get({})["sum"] == 23
@@ -405,7 +405,7 @@ async def test_metrics_count_interval_flushes(start_batcher: MakeHarness) -> Non
 
     assert harness.metrics.batch_flushes.get({"trigger": "interval"}) == 1
     assert harness.metrics.batch_size.get({}) == 4
-    harness.metrics.refresh()
+    harness.batcher.publish_metrics()
     assert harness.metrics.buffer_events.get({}) == 0
 
 
@@ -415,10 +415,10 @@ async def test_buffer_events_gauge_counts_the_mailbox_too(start_batcher: MakeHar
     harness.put(6)
     harness.put(7)
 
-    harness.metrics.refresh()
+    harness.batcher.publish_metrics()
 
     assert harness.metrics.buffer_events.get({}) == 13
-    harness.metrics.refresh()
+    harness.batcher.publish_metrics()
     assert harness.metrics.mailbox_events.get({}) == 13
     assert harness.batcher.held_events == 13
 
@@ -448,3 +448,29 @@ async def test_a_whole_batch_put_in_the_mailbox_is_handed_on_as_it_is_after_what
 
     assert harness.writer.batches[1] is in_flight
     assert [batch.deliveries for batch in harness.writer.batches] == [[before], in_flight.deliveries, [after]]
+
+
+async def test_a_batcher_that_dies_answers_every_waiter_it_holds(start_batcher: MakeHarness) -> None:
+    # A blocked Writer: the first batch waits in hand_to_writer, later deliveries in the buffer
+    # and the mailbox. Cancelled (as when it crashes), the Batcher answers every one of them.
+    from clickpulse.messages import PipelineDown
+
+    writer_free = asyncio.Event()
+
+    async def blocked_writer(batch: Batch) -> None:
+        await writer_free.wait()
+
+    harness = await start_batcher(batch_size=2, hand_to_writer=blocked_writer)
+    loop = asyncio.get_running_loop()
+    waiting = []
+    for index in range(4):
+        delivery = make_delivery(1, start=index)
+        delivery.confirmation = loop.create_future()
+        waiting.append(delivery.confirmation)
+        harness.batcher.put(delivery)
+    await settle()
+
+    harness.task.cancel()
+    await asyncio.gather(harness.task, return_exceptions=True)
+
+    assert all(isinstance(future.exception(), PipelineDown) for future in waiting[2:])

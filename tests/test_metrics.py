@@ -55,17 +55,16 @@ def test_unlabelled_counters_and_histograms_have_a_zero_series_before_anything_h
 # -- computed at scrape time --------------------------------------------------------------------
 
 
-def test_the_oldest_event_age_is_asked_at_every_render() -> None:
+def test_gauges_registered_on_scrape_are_set_at_every_render() -> None:
     metrics = PipelineMetrics()
     ages = iter([0.0, 1.5, 3.0])
-    metrics.batcher.measure_oldest_event_age_with(lambda: next(ages))
+    metrics.on_scrape(lambda: metrics.batcher.publish(0, 0, next(ages)))
 
     assert [rendered(metrics)["batcher_oldest_event_age_seconds"] for _ in range(3)] == [0.0, 1.5, 3.0]
 
 
 def test_the_oldest_event_age_is_zero_without_a_batcher() -> None:
     metrics = BatcherMetrics(Registry())
-    metrics.refresh()
 
     assert metrics.oldest_event_age.get({}) == 0
 

@@ -1,0 +1,128 @@
+"""The aiohttp application: routes, the observing middleware (every request counted and timed
+by route template, HTTP errors answered in JSON), and the operational routes: /healthz, /readyz,
+/metrics and, with the embedded store, /query."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import hdrs, web
+
+from clickpulse.http.events import EventsEndpoint
+from clickpulse.http.responses import Rejections, json_response
+from clickpulse.messages import AckMode
+from clickpulse.metrics import PipelineMetrics
+from clickpulse.ports import IntakePort
+
+log = logging.getLogger("clickpulse.http")
+
+METHOD_LABELS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+LOOPBACK_ADDRESSES = frozenset({"127.0.0.1", "::1"})
+READ_ONLY_STATEMENTS = frozenset({"SELECT", "WITH", "SHOW", "DESCRIBE", "DESC", "EXISTS", "EXPLAIN"})
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Query = Callable[[str], Awaitable[str]]
+
+
+class HttpApp:
+    def __init__(
+        self,
+        *,
+        intake: IntakePort,
+        max_body_bytes: int,
+        max_batch_events: int,
+        ack_mode: AckMode,
+        ack_timeout: float,
+        not_ready_reason: Callable[[], str | None],
+        pipeline_down: asyncio.Future[None],
+        metrics: PipelineMetrics,
+        query: Query | None = None,
+    ) -> None:
+        self._max_body_bytes = max_body_bytes
+        self._not_ready_reason = not_ready_reason
+        self._query = query
+        self._metrics = metrics
+        self._draining = False
+        self.events = EventsEndpoint(
+            intake=intake,
+            max_body_bytes=max_body_bytes,
+            max_batch_events=max_batch_events,
+            ack_mode=ack_mode,
+            ack_timeout=ack_timeout,
+            draining=lambda: self._draining,
+            pipeline_down=pipeline_down,
+            rejections=Rejections(metrics.receiver),
+            metrics=metrics.receiver,
+        )
+
+    def build(self) -> web.Application:
+        app = web.Application(client_max_size=self._max_body_bytes, middlewares=[self._observe])
+        app.router.add_post("/events", self.events.post)
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
+        app.router.add_get("/metrics", self.metrics)
+        if self._query is not None:
+            app.router.add_post("/query", self.run_query)
+        return app
+
+    def stop_intake(self) -> None:
+        """From now on POST /events answers 503 and /readyz reports shutting down."""
+        self._draining = True
+
+    async def run_query(self, request: web.Request) -> web.Response:
+        """Only with the embedded store, only from this machine, only statements that read: how
+        `python -m clickpulse query` reaches a store that the running service holds open."""
+        assert self._query is not None
+        if request.remote not in LOOPBACK_ADDRESSES:
+            return json_response(403, {"error": "queries are answered only from this machine"})
+        sql = (await request.text()).strip()
+        first_word = sql.split(None, 1)[0].upper() if sql else ""
+        if first_word not in READ_ONLY_STATEMENTS:
+            return json_response(400, {
+                "error": f"only statements that read: {', '.join(sorted(READ_ONLY_STATEMENTS))}",
+            })
+        try:
+            text = await self._query(sql)
+        except Exception as error:  # noqa: BLE001 - ClickHouse's own message is the answer
+            message = str(error).strip()
+            return json_response(400, {"error": message.splitlines()[0] if message else repr(error)})
+        return web.Response(text=text, content_type="text/plain")
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return json_response(200, {"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        reason = "shutting down" if self._draining else self._not_ready_reason()
+        if reason:
+            return json_response(503, {"status": "not ready", "reason": reason})
+        return json_response(200, {"status": "ready"})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=self._metrics.render(), headers={hdrs.CONTENT_TYPE: self._metrics.content_type})
+
+    @web.middleware
+    async def _observe(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.perf_counter()
+        response: web.StreamResponse
+        try:
+            response = await handler(request)
+        except web.HTTPException as error:
+            headers = {name: value for name, value in error.headers.items() if name == hdrs.ALLOW}
+            message = error.reason if error.status != 404 else f"no route for {request.path}"
+            response = json_response(error.status, {"error": message}, headers)
+        except Exception:
+            log.exception("unexpected error while serving %s %s", request.method, request.path)
+            response = json_response(500, {"error": "internal error; see the clickpulse log"})
+        resource = request.match_info.route.resource
+        labels = {
+            "method": request.method if request.method in METHOD_LABELS else "other",
+            "path": resource.canonical if resource is not None else "unmatched",
+        }
+        receiver = self._metrics.receiver
+        receiver.http_request_duration.observe(labels, time.perf_counter() - started)
+        labels["status"] = str(response.status)
+        receiver.http_requests.inc(labels)
+        return response

@@ -1,0 +1,168 @@
+"""POST /events: bytes → validated events → JSONEachRow rows, once per request, handed to the
+intake port as one piece. It keeps no buffer of its own.
+
+When it answers depends on the acknowledgement mode (ACK_MODE, or `?ack=` per request):
+`memory` once the events are in the pipeline, `disk` once they are fsynced in the spool,
+`clickhouse` (also `?wait=true`) once ClickHouse confirmed the insert.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import msgspec
+from aiohttp import hdrs, web
+
+from clickpulse.events import EventDecoder, RowEncoder
+from clickpulse.http.responses import Rejections, json_response
+from clickpulse.messages import ACK_MODES, AckMode, PipelineDown, Refused, RowsRejected
+from clickpulse.metrics import ReceiverMetrics
+from clickpulse.ports import IntakePort
+
+JSON_TYPES = frozenset({"application/json", "text/plain"})  # text/plain: navigator.sendBeacon
+NDJSON_TYPES = frozenset({"application/x-ndjson", "application/ndjson"})
+RETRY_AFTER_SHUTTING_DOWN = 5
+RETRY_AFTER_PIPELINE_DOWN = 5
+
+_ACCEPTED_ONE = msgspec.json.encode({"status": "accepted"})
+
+
+class EventsEndpoint:
+    def __init__(
+        self,
+        *,
+        intake: IntakePort,
+        max_body_bytes: int,
+        max_batch_events: int,
+        ack_mode: AckMode,
+        ack_timeout: float,
+        draining: Callable[[], bool],
+        pipeline_down: asyncio.Future[None],
+        rejections: Rejections,
+        metrics: ReceiverMetrics,
+    ) -> None:
+        self._intake = intake
+        self._max_body_bytes = max_body_bytes
+        self._max_batch_events = max_batch_events
+        self._ack_mode = ack_mode
+        self._ack_timeout = ack_timeout
+        self._draining = draining
+        self._pipeline_down = pipeline_down
+        self._rejections = rejections
+        self._metrics = metrics
+        self._decoder = EventDecoder()
+        self._encoder = RowEncoder()
+
+    async def post(self, request: web.Request) -> web.Response:
+        reject = self._rejections.reject
+        if self._draining():
+            return self._rejections.unavailable(
+                "shutting_down", "clickpulse is shutting down; retry on another instance", RETRY_AFTER_SHUTTING_DOWN
+            )
+        ack_mode = self._ack_mode_of(request)
+        if ack_mode is None:
+            return reject("invalid", 400, f"unknown ack mode; use ack={', '.join(ACK_MODES)} or wait=true")
+        if ack_mode == "disk" and not self._intake.takes_durable:
+            return reject("invalid", 400, "ack=disk needs a spool: start clickpulse with SPOOL_DIR")
+        is_ndjson = False
+        if hdrs.CONTENT_TYPE in request.headers:
+            content_type = request.content_type
+            is_ndjson = content_type in NDJSON_TYPES
+            if not is_ndjson and content_type not in JSON_TYPES:
+                return reject(
+                    "unsupported_type", 415,
+                    f"unsupported Content-Type {content_type!r}; send application/json, "
+                    "application/x-ndjson or text/plain",
+                )
+        if request.content_length is not None and request.content_length > self._max_body_bytes:
+            return self._too_large_body()
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return self._too_large_body()
+        except web.RequestPayloadError as error:  # e.g. Content-Encoding: gzip on a body that is not
+            cause = getattr(error.__cause__, "message", None) or str(error.__cause__ or error)
+            return reject("invalid", 400, f"cannot read the request body: {' '.join(str(cause).split())}")
+        self._metrics.request_body_bytes.observe({}, len(body))
+        if not body.strip():
+            return reject("invalid", 400, "empty body: send a JSON object, a JSON array or NDJSON lines")
+        try:
+            if is_ndjson:
+                events, is_batch = self._decoder.decode_ndjson(body), True
+            else:
+                events, is_batch = self._decoder.decode_json(body)
+        except msgspec.DecodeError as error:
+            return reject("invalid", 400, str(error))
+        count = len(events)
+        if count > self._max_batch_events:
+            return reject(
+                "too_large", 413,
+                f"{count} events in one request; the limit is {self._max_batch_events} (MAX_BATCH_EVENTS)",
+            )
+        if not count:
+            return json_response(202, {"status": "accepted", "accepted": 0})
+        loop = asyncio.get_running_loop()
+        confirmation = loop.create_future() if ack_mode == "clickhouse" else None
+        try:
+            await self._intake.accept(
+                self._encoder.encode(events), count, loop.time(),
+                durable=ack_mode != "memory", confirmation=confirmation,
+            )
+        except Refused as refusal:
+            return self._rejections.unavailable(refusal.reason, str(refusal), refusal.retry_after)
+        except PipelineDown as down:
+            return self._rejections.unavailable("overloaded", f"{down}; retry later", RETRY_AFTER_PIPELINE_DOWN)
+        self._metrics.events_received.add({}, count)
+        self._metrics.events_per_request.observe({}, count)
+        if confirmation is not None:
+            return await self._await_confirmation(confirmation, is_batch)
+        if is_batch:
+            return json_response(202, {"status": "accepted", "accepted": count})
+        return web.Response(status=202, body=_ACCEPTED_ONE, content_type="application/json")
+
+    async def _await_confirmation(self, confirmation: asyncio.Future[int], is_batch: bool) -> web.Response:
+        # Raced against the pipeline's death: a request must not wait out ACK_TIMEOUT for an actor
+        # that is gone. asyncio.wait neither cancels the confirmation nor the shared future.
+        done, _ = await asyncio.wait(
+            (confirmation, self._pipeline_down), timeout=self._ack_timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+        if confirmation not in done:
+            if self._pipeline_down in done:
+                return self._pipeline_down_response()
+            return json_response(504, {
+                "error": f"accepted, but ClickHouse has not confirmed it within ACK_TIMEOUT={self._ack_timeout:g}s; "
+                "the events are still queued and will be written",
+            })
+        error = confirmation.exception()
+        if isinstance(error, RowsRejected):
+            return json_response(422, {"error": str(error), "rejected": error.rejected, "written": error.written})
+        if error is not None:
+            return self._pipeline_down_response()
+        if is_batch:
+            return json_response(200, {"status": "written", "written": confirmation.result()})
+        return json_response(200, {"status": "written"})
+
+    def _pipeline_down_response(self) -> web.Response:
+        return json_response(
+            503, {"error": "clickpulse stopped before ClickHouse confirmed these events; retry later"},
+            {hdrs.RETRY_AFTER: str(RETRY_AFTER_PIPELINE_DOWN)},
+        )
+
+    def _ack_mode_of(self, request: web.Request) -> AckMode | None:
+        """The request's acknowledgement mode, or None when its query asks for an unknown one."""
+        if not request.query_string:  # the common case, without parsing a query
+            return self._ack_mode
+        query = request.query
+        if query.get("wait", "").lower() in ("true", "1", "yes"):
+            return "clickhouse"
+        mode = query.get("ack", self._ack_mode).lower()
+        for known in ACK_MODES:
+            if mode == known:
+                return known
+        return None
+
+    def _too_large_body(self) -> web.Response:
+        return self._rejections.reject(
+            "too_large", 413, f"request body larger than {self._max_body_bytes} bytes (MAX_BODY_BYTES)"
+        )
