@@ -50,7 +50,8 @@ BENCH = ROOT / "bench"
 LUA_SCRIPT = BENCH / "post_event.lua"
 sys.path.insert(0, str(ROOT))
 
-from tests.servers import ClickHouseServer, find_clickhouse_server, free_port, start_clickhouse  # noqa: E402
+from tests.servers import ClickHouseServer, find_clickhouse_server, start_clickhouse  # noqa: E402
+from tests.support import clean_environment, free_port, stop_process  # noqa: E402
 
 SERVICE_CPU = "0"
 LOAD_CPU = "1"
@@ -62,9 +63,7 @@ TARGET_SINGLE_RATIO = 0.8  # median (b)/(a) req/s
 TARGET_DISK_RATIO = 0.7  # median (d)/(b) req/s
 TARGET_LANDED_EVENTS_PER_SECOND = 250_000
 
-# Variables clickpulse reads; none may leak in from the caller's environment. The prefixes cover
-# them all today; the names in clickpulse.config.SETTINGS catch any added later.
-CONFIG_PREFIXES = ("CLICKHOUSE_", "HTTP_", "BATCH_", "FLUSH_", "MAX_", "LOG_", "SHUTDOWN_", "SPOOL_", "ACK_", "DATA_")
+STOP_SECONDS = 30.0  # a SIGTERMed process gets this long to drain before SIGKILL
 
 
 # -- event bodies -------------------------------------------------------------------------------
@@ -116,20 +115,9 @@ def write_bodies(directory: Path, batch_events: int) -> tuple[Path, Path]:
 # -- processes ------------------------------------------------------------------------------------
 
 
-def config_variables() -> frozenset[str]:
-    try:
-        from clickpulse.config import SETTINGS
-    except Exception:  # noqa: BLE001 - the prefixes still apply
-        return frozenset()
-    return frozenset(setting.variable for setting in SETTINGS)
-
-
 def child_env(**extra: str) -> dict[str, str]:
-    variables = config_variables()
-    env = {
-        key: value for key, value in os.environ.items()
-        if not key.startswith(CONFIG_PREFIXES) and key not in variables
-    }
+    # Nothing that configures clickpulse may leak in from the caller's environment.
+    env = clean_environment(os.environ)
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)
@@ -163,17 +151,6 @@ def wait_until(check, process: subprocess.Popen, what: str, log: Path, timeout: 
             return
         time.sleep(0.1)
     raise RuntimeError(f"{what} not ready within {timeout:.0f}s; its log:\n{tail(log)}")
-
-
-def stop_process(process: subprocess.Popen, timeout: float = 30.0) -> int:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    return process.returncode
 
 
 def read_proc_status(pid: int) -> dict[str, str]:
@@ -647,7 +624,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             rounds.append(Round(number, phase_a, phase_b, phase_d))
 
-        bare_exit = stop_process(bare)
+        bare_exit = stop_process(bare, timeout=STOP_SECONDS)
         bare_stderr = bare_log.read_text(errors="replace").strip()
         if bare_exit != 0 or bare_stderr:
             anomalies.append(f"bare handler exited with status {bare_exit}; its stderr:\n{tail(bare_log)}")
@@ -863,7 +840,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for process in processes:
             if process.poll() is None:
-                stop_process(process)
+                stop_process(process, timeout=STOP_SECONDS)
         if server is not None:
             server.stop()
         if failed or anomalies or args.keep:

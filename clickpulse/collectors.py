@@ -19,6 +19,7 @@ from typing import Any
 from aioprometheus import Counter as _Counter
 from aioprometheus import Gauge as _Gauge
 from aioprometheus import Histogram as _Histogram
+from aioprometheus.mypy_types import NumericValueType
 
 LabelKey = tuple[tuple[str, str], ...]
 
@@ -56,7 +57,7 @@ class Counter(_FastValues, _Counter):
         self._init_store()
         super().__init__(*args, **kwargs)
 
-    def add(self, labels: dict[str, str], value: float) -> None:
+    def add(self, labels: dict[str, str], value: float) -> None:  # type: ignore[override]  # numbers only: aioprometheus's value type also admits its histogram and quantile objects
         if value < 0:
             raise ValueError("Counters can't decrease")
         key = self._key(labels)
@@ -71,10 +72,10 @@ class Gauge(_FastValues, _Gauge):
         self._init_store()
         super().__init__(*args, **kwargs)
 
-    def set(self, labels: dict[str, str], value: float) -> None:
+    def set(self, labels: dict[str, str], value: float) -> None:  # type: ignore[override]  # numbers only: aioprometheus's value type also admits its histogram and quantile objects
         self._store[self._key(labels) if labels else ()] = value
 
-    def add(self, labels: dict[str, str], value: float) -> None:
+    def add(self, labels: dict[str, str], value: float) -> None:  # type: ignore[override]  # numbers only: aioprometheus's value type also admits its histogram and quantile objects
         key = self._key(labels)
         self._store[key] = self._store.get(key, 0) + value
 
@@ -101,7 +102,7 @@ class Histogram(_FastValues, _Histogram):
         """Makes the series exist with no observations, so rate() sees the first one."""
         self._store.setdefault(self._key(labels), _HistogramState(len(self._bounds)))
 
-    def add(self, labels: dict[str, str], value: float) -> None:
+    def add(self, labels: dict[str, str], value: float) -> None:  # type: ignore[override]  # numbers only: aioprometheus's value type also admits its histogram and quantile objects
         key = self._key(labels)
         state = self._store.get(key)
         if state is None:
@@ -110,11 +111,11 @@ class Histogram(_FastValues, _Histogram):
         state.total += value
         state.observations += 1
 
-    observe = add
+    observe = add  # type: ignore[assignment]  # `add` above: numbers only
 
-    def get(self, labels: dict[str, str]) -> OrderedDict[float | str, float]:
+    def get(self, labels: dict[str, str]) -> dict[float | str, NumericValueType]:
         state: _HistogramState = self.get_value(labels)
-        values: OrderedDict[float | str, float] = OrderedDict()
+        values: OrderedDict[float | str, NumericValueType] = OrderedDict()
         cumulative = 0
         for bound, count in zip(self._bounds, state.counts):
             cumulative += count

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import msgspec
@@ -258,7 +258,7 @@ def _flag(setting: Setting) -> str:
 
 
 class _OneLineArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         raise ConfigError(f"command line: {_without_password(message)}")
 
 

@@ -144,10 +144,10 @@ class EventDecoder:
             # One encoder call for all of them; JSON text never contains a raw newline.
             texts = self._properties_encoder.encode_lines([event.properties for event in with_properties])
             for event, text in zip(with_properties, texts.decode().split("\n")):
-                event.properties = text  # type: ignore[assignment] - stored as text from here on
+                event.properties = text  # type: ignore[assignment]  # stored as text from here on
         if without_id:
             for event, event_id in zip(without_id, self._ids.batch(len(without_id))):
-                event.event_id = event_id  # type: ignore[assignment] - generated ids are text
+                event.event_id = event_id  # type: ignore[assignment]  # generated ids are text
 
     @staticmethod
     def _check_range(created_at: datetime, index: int, batch: bool) -> None:

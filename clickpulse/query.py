@@ -9,6 +9,8 @@ stopping the collector to look at its data would be the wrong trade.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import aiohttp
 
 from clickpulse.clickhouse import DataDirInUse, EmbeddedClickHouse, HttpClickHouse, read_lock_owner
@@ -20,9 +22,10 @@ class QueryFailed(Exception):
 
 
 async def run_query(config: Config, sql: str) -> str:
-    if config.clickhouse is not None:
+    target = config.clickhouse
+    if target is not None:
         async with aiohttp.ClientSession() as session:
-            return await _ask(lambda: HttpClickHouse(config.clickhouse, session).query_text(sql, config.clickhouse.database))
+            return await _ask(lambda: HttpClickHouse(target, session).query_text(sql, target.database))
     try:
         embedded = EmbeddedClickHouse(config.data_dir)
     except DataDirInUse:
@@ -33,7 +36,7 @@ async def run_query(config: Config, sql: str) -> str:
         await embedded.close()
 
 
-async def _ask(run) -> str:
+async def _ask(run: Callable[[], Awaitable[str]]) -> str:
     try:
         return await run()
     except (RuntimeError, aiohttp.ClientError, OSError) as error:

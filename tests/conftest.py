@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.servers import ClickHouseServer, find_clickhouse_server, start_clickhouse
+from tests.support import clean_environment
 
 # .ci/run sets this: there a missing server is a failure, not a skip.
 REQUIRE_SERVERS = os.environ.get("CLICKPULSE_REQUIRE_SERVERS") == "1"
@@ -43,7 +44,7 @@ def clickhouse_database(clickhouse_server: ClickHouseServer) -> Iterator[str]:
 @pytest.fixture
 def python_env(tmp_path: Path) -> dict[str, str]:
     """Environment for `python -m clickpulse` subprocesses: this checkout importable, no stray config."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("CLICKHOUSE_", "HTTP_", "BATCH_", "FLUSH_", "MAX_", "LOG_", "SHUTDOWN_"))}
+    env = clean_environment(os.environ)
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     env["PYTHONUNBUFFERED"] = "1"

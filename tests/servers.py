@@ -9,7 +9,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -17,6 +16,10 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+# Re-exported: older imports take them from here.
+from tests.support import free_port as free_port
+from tests.support import stop_process as stop_process
 
 # A user with a password full of URL-special characters, to prove DSN decoding.
 APP_USER = "app"
@@ -50,23 +53,6 @@ _USERS = """<?xml version="1.0"?>
   <quotas><default></default></quotas>
 </yandex>
 """
-
-
-def stop_process(process: subprocess.Popen) -> None:
-    """SIGTERM, then SIGKILL if it has not exited within 20 s."""
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def find_clickhouse_server() -> list[str] | None:

@@ -16,7 +16,8 @@ import pytest
 
 from clickpulse.config import load_config
 from clickpulse.service import Service
-from tests.servers import ClickHouseServer, free_port
+from tests.servers import ClickHouseServer
+from tests.support import free_port
 
 pytestmark = pytest.mark.integration
 

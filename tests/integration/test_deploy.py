@@ -32,7 +32,7 @@ from tests.deploy_files import (
     read_compose,
     read_dockerfile,
 )
-from tests.servers import free_port, stop_process
+from tests.support import clean_environment, free_port, stop_process
 
 pytestmark = pytest.mark.integration
 
@@ -87,7 +87,7 @@ def deployed_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple
         # Nothing listens there: the liveness answer must not depend on ClickHouse.
         CLICKHOUSE_DSN=f"http://127.0.0.1:{free_port()}/clickpulse",
     )
-    base_env = {key: value for key, value in os.environ.items() if key not in SETTING_NAMES}
+    base_env = clean_environment(os.environ)
     root = str(Path(__file__).resolve().parents[2])
     base_env["PYTHONPATH"] = root + os.pathsep + base_env.get("PYTHONPATH", "")
     log = directory / "clickpulse.log"

@@ -14,7 +14,8 @@ import msgspec
 import pytest
 
 from tests.integration.conftest import count_rows, eventually, make_event, metric_samples, wait_for_rows
-from tests.servers import APP_PASSWORD, APP_USER, ClickHouseServer, free_port
+from tests.servers import APP_PASSWORD, APP_USER, ClickHouseServer
+from tests.support import free_port
 
 pytestmark = pytest.mark.integration
 

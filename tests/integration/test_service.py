@@ -11,7 +11,8 @@ import msgspec
 import pytest
 
 from tests.integration.conftest import count_rows, eventually, wait_for_rows, make_event, running_service, scrape
-from tests.servers import ClickHouseServer, TcpProxy, free_port
+from tests.servers import ClickHouseServer, TcpProxy
+from tests.support import free_port
 
 pytestmark = pytest.mark.integration
 
