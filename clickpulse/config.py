@@ -17,6 +17,8 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import msgspec
 
+from clickpulse.messages import ACK_MODES, AckMode
+
 
 class ConfigError(Exception):
     """A setting has a value clickpulse cannot use. The message names the variable."""
@@ -57,7 +59,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     max_buffer_events: int = 100_000
     spool_dir: Path | None = None
     spool_max_bytes: int = 1 << 30
-    ack_mode: str = "memory"
+    ack_mode: AckMode = "memory"
     ack_timeout: float = 30.0
     clickhouse_down_grace: float = 15.0
     shutdown_timeout: float = 30.0
@@ -243,7 +245,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("SHUTDOWN_TIMEOUT", "shutdown_timeout", _positive_duration, "time to drain on SIGTERM"),
     Setting("SPOOL_DIR", "spool_dir", _directory, "directory of the write-ahead log; unset: no spool"),
     Setting("SPOOL_MAX_BYTES", "spool_max_bytes", parse_size, "most bytes the spool may take on disk (503 above)"),
-    Setting("ACK_MODE", "ack_mode", _choice(("memory", "disk", "clickhouse"), str.lower),
+    Setting("ACK_MODE", "ack_mode", _choice(ACK_MODES, str.lower),
             "when POST /events answers: memory, disk (needs SPOOL_DIR) or clickhouse"),
     Setting("ACK_TIMEOUT", "ack_timeout", _positive_duration, "longest wait for ClickHouse in ack mode clickhouse (504)"),
     Setting("CLICKHOUSE_DOWN_GRACE", "clickhouse_down_grace", _positive_duration,

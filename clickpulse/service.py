@@ -200,21 +200,15 @@ class Service:
 
     async def start(self) -> None:
         pipeline, config = self.pipeline, self.config
-        await pipeline.buffering.open()
-        for name, run in pipeline.actors.items():
-            self._start_actor(name, run())
         try:
+            await pipeline.buffering.open()
+            for name, run in pipeline.actors.items():
+                self._start_actor(name, run())
             await self._runner.setup()
             await web.TCPSite(self._runner, config.http_host, config.http_port).start()
         except BaseException:
             # The port is taken, say: nothing may be left open behind the error.
-            self.stopping = True
-            self.abort()
-            await asyncio.gather(*self._tasks.values(), return_exceptions=True)
-            await self._runner.cleanup()
-            await pipeline.buffering.close()
-            await pipeline.connection.close()
-            await pipeline.session.close()
+            await self._close_after_failed_start()
             raise
         self.port = self._runner.addresses[0][1]
         local_host = "127.0.0.1" if config.http_host in ("0.0.0.0", "::", "") else config.http_host
@@ -227,6 +221,16 @@ class Service:
 
     def not_ready_reason(self) -> str | None:
         return self.pipeline.not_ready_reason()
+
+    async def _close_after_failed_start(self) -> None:
+        self.stopping = True
+        self.abort()
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        await self._runner.cleanup()
+        pipeline = self.pipeline
+        await pipeline.buffering.close()
+        await pipeline.connection.close()
+        await pipeline.session.close()
 
     async def stop(self) -> int:
         """Drains within SHUTDOWN_TIMEOUT; returns how many acknowledged events are lost (with a

@@ -32,7 +32,7 @@ async def service_without_clickhouse(**settings: str) -> AsyncIterator[Service]:
     try:
         yield service
     finally:
-        if not service._stopping:  # noqa: SLF001
+        if not service.stopping:
             await service.stop()
 
 
@@ -43,8 +43,7 @@ async def stop_within(service: Service, seconds: float) -> tuple[int, float]:
     stopping = asyncio.create_task(service.stop())
     done, _ = await asyncio.wait([stopping], timeout=seconds)
     if not done:
-        for task in service._tasks.values():  # noqa: SLF001 - let the test end
-            task.cancel()
+        service.abort()  # let the test end
         pytest.fail(f"Service.stop() did not return within {seconds}s")
     return stopping.result(), loop.time() - started
 
@@ -88,8 +87,8 @@ async def test_every_acknowledged_event_a_drain_without_a_spool_loses_is_counted
                 async with http.post(f"http://127.0.0.1:{service.port}/events", json=EVENT) as response:
                     assert response.status == 202
         await asyncio.sleep(0.1)
-        assert service.writer is not None and service.batcher is not None
-        assert (service.writer.pending_events, service.batcher.held_events) == (3, 2)
+        pipeline = service.pipeline
+        assert (pipeline.writer.pending_events, pipeline.batcher.held_events) == (3, 2)
 
         lost, _ = await stop_within(service, 10.0)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from clickpulse.config import ConfigError, load_config
-from clickpulse.writer import TableMissing, classify_error
+from clickpulse.writer.errors import TableMissing, classify_error
 
 DSN = {"CLICKHOUSE_DSN": "http://localhost:8123/db"}
 

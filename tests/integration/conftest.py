@@ -31,7 +31,7 @@ async def running_service(dsn: str, **settings: str) -> AsyncIterator[Service]:
     try:
         yield service
     finally:
-        if not service._stopping:  # noqa: SLF001 - a test may have stopped it already
+        if not service.stopping:  # a test may have stopped it already
             await service.stop()
 
 

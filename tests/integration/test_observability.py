@@ -22,10 +22,8 @@ import aiohttp
 import msgspec
 import pytest
 
-from clickpulse.batcher import FLUSH_TRIGGERS
 from clickpulse.metrics import METRIC_LABELS, PipelineMetrics
-from clickpulse.receiver import REJECT_REASONS
-from clickpulse.writer import DROP_REASONS, ERROR_KINDS, INSERT_RESULTS
+from clickpulse.metrics import DROP_REASONS, ERROR_KINDS, FLUSH_TRIGGERS, INSERT_RESULTS, REJECT_REASONS
 from tests.conftest import skip_or_fail
 from tests.integration.conftest import eventually, make_event, running_service, scrape, wait_for_rows
 from tests.promql import (

@@ -63,7 +63,7 @@ def test_modern_ddl_and_rows_keep_milliseconds_in_utc(chdb_session) -> None:
 
 def test_a_repeated_insert_with_the_same_token_is_stored_once(chdb_session) -> None:
     from clickpulse.schema import quarantine_ddl
-    from clickpulse.writer import deduplication_token
+    from clickpulse.writer.errors import deduplication_token
 
     version = str(chdb_session.query("SELECT version()", "CSV")).strip().strip('"')
     capabilities = capabilities_for(version)

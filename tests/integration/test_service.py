@@ -125,7 +125,7 @@ async def test_timestamps_with_offsets_are_stored_in_utc(
         async with http.post(base_url(service) + "/events", json=events) as response:
             assert response.status == 202
         assert await wait_for_rows(clickhouse_server, clickhouse_database, len(events)) == len(events)
-        keeps_milliseconds = service.writer.capabilities.keeps_milliseconds
+        keeps_milliseconds = service.pipeline.writer.readiness.capabilities.keeps_milliseconds
     text = await clickhouse_server.aquery(
         f"SELECT toUnixTimestamp(created_at) FROM {clickhouse_database}.events ORDER BY value"
     )
