@@ -28,14 +28,49 @@ from pathlib import Path
 from clickpulse.memory_limit import MemoryLimit
 from clickpulse.messages import Batch, Delivery, PipelineDown, Refused, SpoolPosition
 from clickpulse.metrics import SpoolMetrics
-from clickpulse.spool.ledger import LEDGER_COMPACT_BYTES, LEDGER_NAME, LedgerFile, Unconfirmed, parse_ledger
-from clickpulse.spool.record import HEADER, MAGIC, ScannedRecord, checksum, encode_record, record_end, scan_segment
+from clickpulse.spool.ledger import (
+    LEDGER_COMPACT_BYTES,
+    LEDGER_NAME,
+    LedgerFile,
+    Unconfirmed,
+    parse_ledger,
+)
+from clickpulse.spool.record import (
+    HEADER,
+    MAGIC,
+    Extent,
+    ScannedRecord,
+    checksum,
+    encode_record,
+    record_end,
+    scan_extents,
+    scan_segment,
+)
 from clickpulse.spool.replay import Admission, Recovered, Replay, recover
-from clickpulse.spool.segments import LARGE_WRITE_BYTES, SEGMENT_NAME, GroupFsync, Segments, segment_name
+from clickpulse.spool.segments import (
+    LARGE_WRITE_BYTES,
+    SEGMENT_NAME,
+    GroupFsync,
+    Segments,
+    segment_name,
+)
 
 __all__ = [
-    "HEADER", "LARGE_WRITE_BYTES", "LEDGER_COMPACT_BYTES", "LEDGER_NAME", "MAGIC", "REOPEN_INTERVAL_SECONDS",
-    "SEGMENT_NAME", "ScannedRecord", "Spool", "checksum", "encode_record", "parse_ledger", "scan_segment",
+    "HEADER",
+    "LARGE_WRITE_BYTES",
+    "LEDGER_COMPACT_BYTES",
+    "LEDGER_NAME",
+    "MAGIC",
+    "REOPEN_INTERVAL_SECONDS",
+    "SEGMENT_NAME",
+    "Extent",
+    "ScannedRecord",
+    "Spool",
+    "checksum",
+    "encode_record",
+    "parse_ledger",
+    "scan_extents",
+    "scan_segment",
     "segment_name",
 ]
 
@@ -114,6 +149,8 @@ class Spool:
         whoever still waits on it is answered PipelineDown at once."""
         try:
             while not self._opened:
+                if self._closed:
+                    return
                 await self.open()
                 if not self._opened:
                     await asyncio.sleep(REOPEN_INTERVAL_SECONDS)

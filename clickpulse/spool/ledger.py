@@ -138,27 +138,28 @@ def _fsync_and_close(fd: int) -> None:
 
 
 class Unconfirmed:
-    """(position, receipt unix ms, events) of every record after the confirmed mark, in log order."""
+    """(segment, offset, receipt unix ms, events) of every record after the confirmed mark, in
+    log order: tuples of ints, which the garbage collector stops tracking."""
 
     def __init__(self) -> None:
-        self._records: collections.deque[tuple[SpoolPosition, int, int]] = collections.deque()
+        self._records: collections.deque[tuple[int, int, int, int]] = collections.deque()
         self.events = 0
 
     def track(self, position: SpoolPosition, received_ms: int, count: int) -> None:
-        self._records.append((position, received_ms, count))
+        self._records.append((position.segment, position.offset, received_ms, count))
         self.events += count
 
-    def extend(self, records: list[tuple[SpoolPosition, int, int]], events: int) -> None:
+    def extend(self, records: list[tuple[int, int, int, int]], events: int) -> None:
         """Adds `records` (in log order, after those tracked), holding `events` in all."""
         self._records.extend(records)
         self.events += events
 
     def drop_before(self, confirmed: SpoolPosition) -> None:
-        records = self._records
-        while records and records[0][0] < confirmed:
-            self.events -= records.popleft()[2]
+        records, segment, offset = self._records, confirmed.segment, confirmed.offset
+        while records and (records[0][0] < segment or (records[0][0] == segment and records[0][1] < offset)):
+            self.events -= records.popleft()[3]
 
     @property
     def oldest_unix(self) -> float:
         """Receipt time of the oldest unconfirmed record, in unix seconds; 0 when there is none."""
-        return self._records[0][1] / 1000 if self._records else 0
+        return self._records[0][2] / 1000 if self._records else 0

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import struct
 import zlib
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from clickpulse.messages import SpoolPosition
@@ -33,43 +32,46 @@ def record_end(position: SpoolPosition, payload_length: int) -> SpoolPosition:
     return SpoolPosition(position.segment, position.offset + HEADER.size + payload_length)
 
 
+# (offset, end, event count, receipt unix ms) of one record in its segment. Plain tuples of ints:
+# the garbage collector stops tracking them, so a spool of millions of records costs nothing at
+# every full collection.
+Extent = tuple[int, int, int, int]
+
+
+def scan_extents(data: bytes, base_offset: int = 0) -> tuple[list[Extent], int]:
+    """Where each intact record of `data` (which starts at `base_offset` in its segment) lies,
+    and the offset where intact data ends: at the first torn record or failed checksum."""
+    extents = []
+    offset = 0
+    size = len(data)
+    header_size, unpack_from = HEADER.size, HEADER.unpack_from
+    with memoryview(data) as view:
+        while offset + header_size <= size:
+            magic, length, count, crc, received_ms = unpack_from(data, offset)
+            start = offset + header_size
+            end = start + length
+            if magic != MAGIC or end > size or checksum(count, received_ms, view[start:end]) != crc:
+                break
+            extents.append((base_offset + offset, base_offset + end, count, received_ms))
+            offset = end
+    return extents, base_offset + offset
+
+
 @dataclass(slots=True)
 class ScannedRecord:
     position: SpoolPosition
     end: int
     count: int
     received_ms: int
-    payload: bytes | None  # None when the scan was told not to keep it (it is read back later)
+    payload: bytes
 
 
-def _keep_every_payload(position: SpoolPosition, count: int) -> bool:
-    return True
-
-
-def scan_segment(
-    number: int,
-    data: bytes,
-    keep_payload: Callable[[SpoolPosition, int], bool] = _keep_every_payload,
-    *,
-    base_offset: int = 0,
-) -> tuple[list[ScannedRecord], int]:
-    """The intact records of segment `number`, and the offset where intact data ends.
-
-    `data` starts at `base_offset` in the segment (a read-back of a few records). `keep_payload`
-    is asked, in log order, whether each intact record keeps its payload; the payloads of the
-    others are never copied out of `data`."""
-    records = []
-    offset = 0
-    size = len(data)
-    with memoryview(data) as view:
-        while offset + HEADER.size <= size:
-            magic, length, count, crc, received_ms = HEADER.unpack_from(data, offset)
-            start = offset + HEADER.size
-            end = start + length
-            if magic != MAGIC or end > size or checksum(count, received_ms, view[start:end]) != crc:
-                break
-            position = SpoolPosition(number, base_offset + offset)
-            payload = data[start:end] if keep_payload(position, count) else None
-            records.append(ScannedRecord(position, base_offset + end, count, received_ms, payload))
-            offset = end
-    return records, base_offset + offset
+def scan_segment(number: int, data: bytes, *, base_offset: int = 0) -> tuple[list[ScannedRecord], int]:
+    """The intact records of segment `number` in `data` (which starts at `base_offset` in the
+    segment), and the offset where intact data ends."""
+    extents, intact = scan_extents(data, base_offset)
+    records = [
+        ScannedRecord(SpoolPosition(number, offset), end, count, received_ms, data[offset - base_offset + HEADER.size : end - base_offset])
+        for offset, end, count, received_ms in extents
+    ]
+    return records, intact

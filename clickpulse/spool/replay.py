@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 from clickpulse.memory_limit import MemoryLimit
 from clickpulse.messages import Batch, Delivery, SpoolPosition, fail_waiter
 from clickpulse.spool.ledger import LedgerFile
-from clickpulse.spool.record import ScannedRecord, scan_segment
+from clickpulse.spool.record import HEADER, Extent, scan_extents
 from clickpulse.spool.segments import Segments, segment_name
 
 READ_BACK_BYTES = 1 << 20  # the most read back from disk in one go
@@ -34,7 +33,10 @@ class Admission:
     """The one rule for where a record waits: it keeps its rows in memory only while no record
     is waiting on disk and memory.held + kept rows + count <= capacity; otherwise it waits on
     disk and is read back when its turn comes. So kept rows are always ahead of read-back ones,
-    and the events the pipeline holds plus the rows kept here never pass MAX_BUFFER_EVENTS."""
+    and the events the pipeline holds plus the rows kept here never pass MAX_BUFFER_EVENTS.
+
+    Recovery applies it in a worker thread, to an Admission of its own that the spool adopts
+    once open: nothing else touches it then, and memory.held is only read."""
 
     __slots__ = ("_memory", "kept", "on_disk")
 
@@ -64,23 +66,18 @@ class Admission:
             self.on_disk -= 1
 
 
-@dataclass(slots=True)
-class Waiting:
-    """A record not yet handed to the Batcher."""
-
-    position: SpoolPosition
-    end: int  # offset in the segment where the record ends
-    count: int
-    received_at: float
-    rows: bytes | None  # None: waiting on disk only, read back when its turn comes
-    confirmation: asyncio.Future[int] | None
+# A record not yet handed to the Batcher: (segment, offset, end offset, events, received_at,
+# rows, confirmation). rows is None while it waits on disk only; received_at is None for a
+# recovered record (it counts from the moment the spool opened). A plain tuple: once it holds no
+# rows-waiter, the garbage collector stops tracking it, however long the spool's backlog.
+Waiting = tuple[int, int, int, int, float | None, bytes | None, "asyncio.Future[int] | None"]
 
 
 @dataclass(slots=True)
 class Recovered:
     waiting: list[Waiting]
     in_flight: Batch | None
-    unconfirmed: list[tuple[SpoolPosition, int, int]]  # (position, receipt unix ms, events)
+    unconfirmed: list[tuple[int, int, int, int]]  # (segment, offset, receipt unix ms, events)
     events: int  # in every unconfirmed record
     damaged_segments: int
 
@@ -89,46 +86,45 @@ def recover(ledger: LedgerFile, segments: Segments, admission: Admission, clock:
     """Blocking (a worker thread, before the spool is open): what the directory holds after the
     confirmed mark, each record placed by `admission`, the batch in flight at a crash apart."""
     intent = ledger.recover()
-
-    def in_flight(position: SpoolPosition) -> bool:
-        return intent is not None and intent[0] <= position < intent[1]
-
-    def keep_payload(position: SpoolPosition, count: int) -> bool:
-        if in_flight(position):
-            admission.hold(count)
-            return True
-        return admission.admit(count)
-
-    records, damaged = segments.recover(ledger.confirmed, keep_payload)
-    now = clock()
-    batch: list[Delivery] = []
+    start, end = ((intent[0].segment, intent[0].offset), (intent[1].segment, intent[1].offset)) if intent else ((0, 0), (0, 0))
+    in_flight: list[tuple[bytes, int, SpoolPosition]] = []
     waiting: list[Waiting] = []
-    for record in records:
-        if in_flight(record.position):
-            assert record.payload is not None
-            batch.append(Delivery(record.payload, record.count, now, record.position))
-        else:
-            waiting.append(Waiting(record.position, record.end, record.count, now, record.payload, None))
-    unconfirmed = [(record.position, record.received_ms, record.count) for record in records]
-    events = sum(record.count for record in records)
-    return Recovered(waiting, Batch(batch, "replay") if batch else None, unconfirmed, events, damaged)
+    unconfirmed: list[tuple[int, int, int, int]] = []
+    events = 0
+
+    def take(number: int, data: bytes, extents: list[Extent]) -> None:
+        nonlocal events
+        header = HEADER.size
+        for offset, record_end, count, received_ms in extents:
+            unconfirmed.append((number, offset, received_ms, count))
+            events += count
+            if start <= (number, offset) < end:  # the batch in flight: kept, to go first
+                admission.hold(count)
+                in_flight.append((data[offset + header : record_end], count, SpoolPosition(number, offset)))
+            elif admission.admit(count):
+                waiting.append((number, offset, record_end, count, None, data[offset + header : record_end], None))
+            else:
+                waiting.append((number, offset, record_end, count, None, None, None))
+
+    damaged = segments.recover(ledger.confirmed, take)
+    now = clock()
+    batch = Batch([Delivery(rows, count, now, position) for rows, count, position in in_flight], "replay") if in_flight else None
+    return Recovered(waiting, batch, unconfirmed, events, damaged)
 
 
 def read_back(directory: Path, run: list[Waiting]) -> list[bytes]:
     """Blocking. The rows of `run`, consecutive records of one segment, read in one go."""
-    first, last = run[0].position, run[-1]
-    path = directory / segment_name(first.segment)
+    segment, first, last = run[0][0], run[0][1], run[-1][2]
+    path = directory / segment_name(segment)
     with open(path, "rb") as segment_file:
-        segment_file.seek(first.offset)
-        data = segment_file.read(last.end - first.offset)
-    records, _ = scan_segment(first.segment, data, base_offset=first.offset)
-    if len(records) < len(run) or any(r.position != w.position for r, w in zip(records, run)):
-        broken = run[len(records)] if len(records) < len(run) else run[0]
-        raise OSError(f"spool record at {broken.position} in {path.name} no longer reads back intact")
+        segment_file.seek(first)
+        data = segment_file.read(last - first)
+    extents, _ = scan_extents(data, first)
     payloads = []
-    for record in records[: len(run)]:
-        assert record.payload is not None  # scanned keeping every payload
-        payloads.append(record.payload)
+    for index, record in enumerate(run):
+        if index >= len(extents) or extents[index][:2] != record[1:3]:
+            raise OSError(f"spool record at {SpoolPosition(segment, record[1])} in {path.name} no longer reads back intact")
+        payloads.append(data[record[1] - first + HEADER.size : record[2] - first])
     return payloads
 
 
@@ -148,6 +144,7 @@ class Replay:
         self.admission = Admission(memory)
         self._queue: collections.deque[Waiting] = collections.deque()
         self._in_flight: Batch | None = None
+        self._opened_at = 0.0  # received_at of the recovered records
         self._forwardable = asyncio.Event()
         self._forwarding = True
         self._since_yield = 0
@@ -163,12 +160,15 @@ class Replay:
     ) -> None:
         """Queues a record just appended."""
         kept = self.admission.admit(count)
-        self._queue.append(Waiting(position, end.offset, count, received_at, rows if kept else None, confirmation))
+        self._queue.append(
+            (position.segment, position.offset, end.offset, count, received_at, rows if kept else None, confirmation)
+        )
 
     def load(self, recovered: Recovered, admission: Admission) -> None:
         """Takes what recovery found (placed by `admission`), ahead of anything appended since."""
         assert not self._queue, "recovered records go first"
         self.admission = admission
+        self._opened_at = asyncio.get_running_loop().time()
         self._queue.extend(recovered.waiting)
         batch = recovered.in_flight
         if batch is not None:
@@ -190,7 +190,7 @@ class Replay:
     def fail_waiters(self, error: BaseException) -> None:
         """These records will not be forwarded in this process: their requests learn it now."""
         for record in self._queue:
-            fail_waiter(record.confirmation, error)
+            fail_waiter(record[6], error)
 
     async def forward_loop(self) -> None:
         queue, memory = self._queue, self._memory
@@ -200,24 +200,31 @@ class Replay:
                 self._deliver(batch)
                 continue
             head = queue[0] if queue else None
-            if head is None or SpoolPosition(head.position.segment, head.end) > self._synced():
+            if head is None or self._not_synced(head):
                 self._forwardable.clear()
                 await self._forwardable.wait()
                 continue
-            if not memory.try_reserve(head.count):
-                await memory.reserve(head.count, None)
+            count, rows = head[3], head[5]
+            if not memory.try_reserve(count):
+                await memory.reserve(count, None)
                 if not self._forwarding:
-                    memory.release(head.count)
+                    memory.release(count)
                     return
-            if head.rows is None:
+            if rows is None:
                 await self._forward_from_disk(head)
             else:
                 queue.popleft()
-                self.admission.leave(True, head.count)
-                await self._forward(head, head.rows)
+                self.admission.leave(True, count)
+                await self._forward(head, rows)
+
+    def _not_synced(self, record: Waiting) -> bool:
+        synced = self._synced()
+        return record[0] > synced.segment or (record[0] == synced.segment and record[2] > synced.offset)
 
     async def _forward(self, record: Waiting, rows: bytes) -> None:
-        self._deliver(Delivery(rows, record.count, record.received_at, record.position, record.confirmation))
+        segment, offset, _, count, received_at, _, confirmation = record
+        at = self._opened_at if received_at is None else received_at
+        self._deliver(Delivery(rows, count, at, SpoolPosition(segment, offset), confirmation))
         self._since_yield += 1
         if self._since_yield >= YIELD_EVERY:  # a long replay must not starve requests and probes
             self._since_yield = 0
@@ -226,28 +233,30 @@ class Replay:
     async def _forward_from_disk(self, head: Waiting) -> None:
         """Reads back `head` (its events reserved) and the on-disk records right after it that
         are fsynced and fit in memory now, in one go off the loop; then forwards them."""
-        memory, synced = self._memory, self._synced()
-        run, size = [head], head.end - head.position.offset
+        memory = self._memory
+        run, size = [head], head[2] - head[1]
         for record in itertools.islice(self._queue, 1, None):
-            position = record.position
-            if record.rows is not None or position.segment != head.position.segment or position.offset != run[-1].end:
+            segment, offset, end, count, _, rows, _ = record
+            if rows is not None or segment != head[0] or offset != run[-1][2]:
                 break
-            length = record.end - position.offset
-            if size + length > READ_BACK_BYTES or SpoolPosition(position.segment, record.end) > synced:
-                break
-            if not memory.try_reserve(record.count):
+            if size + end - offset > READ_BACK_BYTES or self._not_synced(record) or not memory.try_reserve(count):
                 break
             run.append(record)
-            size += length
+            size += end - offset
         try:
             payloads = await asyncio.to_thread(read_back, self._directory, run)
         except BaseException:
-            memory.release(sum(record.count for record in run))
+            memory.release(sum(record[3] for record in run))
             raise
-        for index, (forwarded, rows) in enumerate(zip(run, payloads)):
-            if not self._forwarding:  # the rest stays in the spool for the next start
-                memory.release(sum(left.count for left in run[index:]))
-                return
-            self._queue.popleft()
-            self.admission.leave(False, forwarded.count)
-            await self._forward(forwarded, rows)
+        delivered = 0
+        try:
+            for record, rows in zip(run, payloads):
+                if not self._forwarding:  # the rest stays in the spool for the next start
+                    break
+                self._queue.popleft()
+                self.admission.leave(False, record[3])
+                delivered += 1
+                await self._forward(record, rows)
+        finally:
+            if delivered < len(run):
+                memory.release(sum(left[3] for left in run[delivered:]))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 import logging
 import os
 import re
@@ -26,7 +27,7 @@ from pathlib import Path
 
 from clickpulse.messages import Refused, SpoolPosition
 from clickpulse.metrics import SpoolMetrics
-from clickpulse.spool.record import ScannedRecord, scan_segment
+from clickpulse.spool.record import Extent, scan_extents
 
 log = logging.getLogger("clickpulse.spool")
 
@@ -70,26 +71,19 @@ class Segments:
 
     # -- recovery (in a worker thread, before the spool is open) -------------------------------
 
-    def recover(
-        self, confirmed: SpoolPosition, keep_payload: Callable[[SpoolPosition, int], bool]
-    ) -> tuple[list[ScannedRecord], int]:
+    def recover(self, confirmed: SpoolPosition, take: Callable[[int, bytes, list[Extent]], None]) -> int:
         """Blocking. Scans every segment in order, truncates a torn or corrupt tail, deletes the
-        segments ClickHouse has confirmed wholly, and starts a new active segment. Returns the
-        records after `confirmed` (their payloads where `keep_payload` said so) and how many
-        segments had a damaged tail."""
+        segments ClickHouse has confirmed wholly, and starts a new active segment. Hands each
+        segment's records after `confirmed` to `take(number, data, extents)`, in log order.
+        Returns how many segments had a damaged tail."""
         directory = self.directory
         numbers = sorted(int(m.group(1)) for name in os.listdir(directory) if (m := SEGMENT_NAME.fullmatch(name)))
         sizes: dict[int, int] = {}
-        replay: list[ScannedRecord] = []
         damaged = 0
-
-        def keep(position: SpoolPosition, count: int) -> bool:
-            return position >= confirmed and keep_payload(position, count)
-
         for index, number in enumerate(numbers):
             path = directory / segment_name(number)
             data = path.read_bytes()
-            records, intact = scan_segment(number, data, keep)
+            extents, intact = scan_extents(data)
             if intact < len(data):
                 damaged += 1
                 log.warning(
@@ -99,13 +93,18 @@ class Segments:
                 with open(path, "r+b") as segment_file:
                     segment_file.truncate(intact)
                     os.fsync(segment_file.fileno())
-            del data
-            first = next((i for i, record in enumerate(records) if record.position >= confirmed), len(records))
-            if first == len(records):  # every record is in ClickHouse; writing resumes in a new segment
+            if number < confirmed.segment:
+                first = len(extents)
+            elif number > confirmed.segment:
+                first = 0
+            else:
+                first = next((i for i, extent in enumerate(extents) if extent[0] >= confirmed.offset), len(extents))
+            if first == len(extents):  # every record is in ClickHouse; writing resumes in a new segment
                 path.unlink()
                 continue
             sizes[number] = intact
-            replay.extend(records[first:])
+            take(number, data, extents[first:])
+            del data, extents
         # Never a number at or before the confirmed mark, even when every segment up to it was
         # deleted: records there would count as confirmed at the next start and be dropped.
         active = max(max(sizes, default=0), confirmed.segment) + 1
@@ -120,7 +119,7 @@ class Segments:
         self._install(active, fd, size)
         self._directory_dirty = False
         self.written = SpoolPosition(active, 0)
-        return replay, damaged
+        return damaged
 
     def _create(self, number: int) -> tuple[int, int]:
         fd = os.open(self.directory / segment_name(number), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
@@ -173,7 +172,8 @@ class Segments:
 
     def _write_rest(self, record: bytes, written: int) -> None:
         fd, size = self._fd, self._sizes[self._active]
-        assert fd is not None
+        if fd is None:  # closed while this write waited its turn
+            raise OSError(errno.EBADF, "the spool is closed")
         try:
             while written < len(record):
                 written += os.write(fd, record[written:])

@@ -13,7 +13,12 @@ from clickpulse.messages import Batch, SpoolPosition
 from clickpulse.spool import LEDGER_NAME, parse_ledger
 from clickpulse.spool import ledger as ledger_module
 from tests.spool.conftest import OpenSpool
-from tests.spool.helpers import append_and_forward, record_size, rows, write_to_clickhouse
+from tests.spool.helpers import (
+    append_and_forward,
+    record_size,
+    rows,
+    write_to_clickhouse,
+)
 
 
 def test_parse_takes_the_highest_confirmed_mark_and_the_last_open_intent() -> None:
@@ -88,8 +93,8 @@ async def test_torn_last_ledger_line_is_ignored(open_spool: OpenSpool, spool_dir
     deliveries = await append_and_forward(first, [rows("a"), rows("b")])
     await write_to_clickhouse(first, deliveries[:1])
     await first.shut()
-    with open(spool_dir / LEDGER_NAME, "ab") as ledger:
-        ledger.write(b"C 1 99")  # a confirm torn before its newline: it never happened
+    ledger = spool_dir / LEDGER_NAME
+    ledger.write_bytes(ledger.read_bytes() + b"C 1 99")  # a confirm torn before its newline: it never happened
 
     second = await open_spool()
 

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import pytest
 
 from clickpulse.messages import SpoolPosition
-from clickpulse.spool import HEADER, MAGIC, encode_record, scan_segment
+from clickpulse.spool import HEADER, MAGIC, encode_record, scan_extents, scan_segment
 from clickpulse.spool.record import checksum, record_end
 from tests.spool.helpers import rows
 
@@ -62,20 +62,16 @@ def test_scan_stops_at_a_damaged_record_and_reports_where_intact_data_ends(damag
     assert intact == len(good)
 
 
-def test_scan_keeps_only_the_payloads_it_is_told_to_keep_and_asks_in_log_order() -> None:
-    data = b"".join(encode_record(rows(f"r{index}"), index + 1, index) for index in range(4))
-    asked: list[tuple[SpoolPosition, int]] = []
+def test_extents_say_where_each_intact_record_lies_without_copying_payloads() -> None:
+    records = [encode_record(rows(f"r{index}"), index + 1, 1000 + index) for index in range(3)]
+    data = b"".join(records) + records[0][:10]  # a torn fourth record
 
-    def keep_payload(position: SpoolPosition, count: int) -> bool:
-        asked.append((position, count))
-        return count % 2 == 0
+    extents, intact = scan_extents(data)
 
-    records, intact = scan_segment(3, data, keep_payload)
-
-    assert intact == len(data)
-    assert [count for _, count in asked] == [1, 2, 3, 4]
-    assert [position for position, _ in asked] == [record.position for record in records]
-    assert [record.payload for record in records] == [None, rows("r1"), None, rows("r3")]
+    offsets = [sum(map(len, records[:index])) for index in range(4)]
+    assert extents == [(offsets[index], offsets[index + 1], index + 1, 1000 + index) for index in range(3)]
+    assert intact == offsets[3]
+    assert scan_extents(data[offsets[1]:], base_offset=offsets[1]) == (extents[1:], intact)
 
 
 def test_scan_of_a_slice_reports_positions_in_the_segment() -> None:

@@ -4,6 +4,7 @@ rule under MAX_BUFFER_EVENTS, read-back from disk, and what a restart replays.""
 from __future__ import annotations
 
 import asyncio
+import gc
 import struct
 import threading
 import tracemalloc
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from clickpulse.messages import Batch, SpoolPosition
-from clickpulse.spool import LEDGER_NAME, scan_segment, segment_name
+from clickpulse.spool import LEDGER_NAME, encode_record, scan_segment, segment_name
 from tests.spool.conftest import OpenSpool
 from tests.spool.helpers import (
     append_and_forward,
@@ -342,6 +343,24 @@ async def test_recovery_holds_at_most_the_memory_capacity_of_rows_not_the_whole_
     forwarded = await second.forwarded.wait_for(4000, timeout=10.0)
     assert all(delivery.rows == payload for delivery in forwarded)
     assert [delivery.position for delivery in forwarded] == sorted(delivery.position for delivery in forwarded)
+
+
+async def test_a_large_recovered_backlog_gives_the_garbage_collector_almost_nothing_to_track(
+    open_spool: OpenSpool, spool_dir: Path
+) -> None:
+    # Every full collection walks every tracked object, holding the GIL: one object per waiting
+    # record would make each collection (and the event loop's pause) grow with the backlog.
+    spool_dir.mkdir()
+    records = 20_000
+    (spool_dir / segment_name(1)).write_bytes(b"".join(encode_record(rows(f"r{index}"), 1, index) for index in range(records)))
+    gc.collect()
+    before = len(gc.get_objects())
+
+    harness = await open_spool(capacity_events=10, run=False)
+
+    gc.collect()
+    assert harness.spool.unconfirmed_events == records
+    assert len(gc.get_objects()) - before < records // 20
 
 
 async def test_open_reads_the_directory_in_a_worker_thread(
