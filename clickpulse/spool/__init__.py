@@ -1,0 +1,275 @@
+"""The spool: a write-ahead log between the HTTP intake and the Batcher (SPOOL_DIR).
+
+Each accepted request is appended as one checksummed record (record.py) to the active segment
+file (segments.py); one task fsyncs whatever was written since its last pass, so many requests
+share one fsync, and a request acknowledged in `disk` mode waits for the pass that covers its
+record. Fsynced records are forwarded in log order to the Batcher as MAX_BUFFER_EVENTS leaves
+room; what does not fit in memory waits on disk and is read back when its turn comes
+(replay.py), so the spool, not memory, absorbs a long ClickHouse outage.
+
+The Writer inserts batches in log order. Before each insert the batch's range goes to the ledger
+(ledger.py), fsynced; once ClickHouse confirmed it, its end becomes the confirmed mark and the
+segments wholly before it are deleted. At open, records after the mark are replayed; the batch in
+flight at a crash goes first, whole, with exactly its rows, so the server's deduplication token
+matches the first attempt.
+
+`Spool` is the buffering path with a spool (ports.BufferingPath). Every blocking file operation
+runs in a worker thread, except the inline write of a small record: the hot path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from clickpulse.memory_limit import MemoryLimit
+from clickpulse.messages import Batch, Delivery, PipelineDown, Refused, SpoolPosition
+from clickpulse.metrics import SpoolMetrics
+from clickpulse.spool.ledger import (
+    LEDGER_COMPACT_BYTES,
+    LEDGER_NAME,
+    LedgerFile,
+    Unconfirmed,
+    parse_ledger,
+)
+from clickpulse.spool.record import (
+    HEADER,
+    MAGIC,
+    Extent,
+    ScannedRecord,
+    checksum,
+    encode_record,
+    record_end,
+    scan_extents,
+    scan_segment,
+)
+from clickpulse.spool.replay import Admission, Recovered, Replay, recover
+from clickpulse.spool.segments import (
+    LARGE_WRITE_BYTES,
+    SEGMENT_NAME,
+    GroupFsync,
+    Segments,
+    segment_name,
+)
+
+__all__ = [
+    "HEADER",
+    "LARGE_WRITE_BYTES",
+    "LEDGER_COMPACT_BYTES",
+    "LEDGER_NAME",
+    "MAGIC",
+    "REOPEN_INTERVAL_SECONDS",
+    "SEGMENT_NAME",
+    "Extent",
+    "ScannedRecord",
+    "Spool",
+    "checksum",
+    "encode_record",
+    "parse_ledger",
+    "scan_extents",
+    "scan_segment",
+    "segment_name",
+]
+
+log = logging.getLogger(__name__)
+
+REOPEN_INTERVAL_SECONDS = 1.0  # while the spool cannot be opened, run() tries again this often
+NEARLY_FULL = 0.9
+
+
+class Spool:
+    keeps_unwritten = True
+    takes_durable = True
+
+    def __init__(
+        self,
+        *,
+        directory: Path,
+        max_bytes: int,
+        segment_bytes: int,
+        memory: MemoryLimit,
+        deliver: Callable[[Delivery | Batch], None],
+        metrics: SpoolMetrics,
+    ) -> None:
+        self.directory = directory
+        self._max_bytes = max_bytes
+        self._memory = memory
+        self._metrics = metrics
+        self._replay = Replay(directory=directory, memory=memory, deliver=deliver, synced=self._synced)
+        self._segments = Segments(directory=directory, segment_bytes=segment_bytes, metrics=metrics)
+        self._fsync = GroupFsync(self._segments, metrics=metrics, on_synced=self._replay.wake, on_error=self._fail)
+        self._ledger = LedgerFile(directory)
+        self._unconfirmed = Unconfirmed()
+        self._open_lock = asyncio.Lock()
+        self._opened = False
+        self._ended = False  # run() has returned: nothing is fsynced or forwarded any more
+        self._closed = False
+        self._error: str | None = None
+
+    # -- the lifecycle ----------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Recovers the directory, off the event loop. An OSError is recorded (logged, and the
+        reason /readyz gives), not raised: the spool stays closed and run() tries again."""
+        async with self._open_lock:
+            if self._opened or self._closed:
+                return
+            admission = Admission(self._memory)
+            try:
+                recovered = await asyncio.to_thread(self._recover, admission, asyncio.get_running_loop().time)
+            except OSError as error:
+                self._fail(f"cannot open spool directory {self.directory}: {error.strerror or error}")
+                return
+            self._install(recovered, admission)
+
+    def _recover(self, admission: Admission, clock: Callable[[], float]) -> Recovered:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        return recover(self._ledger, self._segments, admission, clock)
+
+    def _install(self, recovered: Recovered, admission: Admission) -> None:
+        if recovered.damaged_segments:
+            self._metrics.corrupt_records.add({}, recovered.damaged_segments)
+        self._fsync.recovered(self._segments.written)
+        self._unconfirmed.extend(recovered.unconfirmed, recovered.events)
+        self._replay.load(recovered, admission)
+        replayed = recovered.events
+        if replayed:
+            self._metrics.replayed_events.add({}, replayed)
+            log.warning("spool: replaying %d unconfirmed events from %s", replayed, self.directory)
+        self._opened = True
+        self._error = None
+        self.publish_metrics()
+
+    async def run(self) -> None:
+        """The actor: opens the spool if open() could not (retrying every
+        REOPEN_INTERVAL_SECONDS), then runs the group fsync and the forwarding. However it ends,
+        whoever still waits on it is answered PipelineDown at once."""
+        try:
+            while not self._opened:
+                if self._closed:
+                    return
+                await self.open()
+                if not self._opened:
+                    await asyncio.sleep(REOPEN_INTERVAL_SECONDS)
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self._fsync.run())
+                tasks.create_task(self._replay.forward_loop())
+        finally:
+            self._ended = True
+            down = PipelineDown("the spool has stopped")
+            self._fsync.fail_waiters(down)
+            self._replay.fail_waiters(down)
+
+    def stop_forwarding(self) -> None:
+        """From now on records stay in the spool for the next start."""
+        self._replay.stop()
+
+    async def close(self) -> None:
+        """Fsyncs and closes the files; after the Writer has finished."""
+        self._closed = True
+        await self._segments.close()
+        await self._ledger.close()
+
+    def _fail(self, message: str) -> None:
+        if message != self._error:
+            log.error("spool: %s", message)
+        self._error = message
+
+    def _synced(self) -> SpoolPosition:
+        return self._fsync.synced
+
+    # -- the intake port ------------------------------------------------------------------------
+
+    async def accept(
+        self,
+        rows: bytes,
+        count: int,
+        received_at: float,
+        *,
+        durable: bool,
+        confirmation: asyncio.Future[int] | None,
+    ) -> None:
+        """Appends one request's record; with `durable`, returns once it is fsynced. Raises
+        Refused when it cannot be taken, PipelineDown once run() has ended."""
+        if self._ended or self._closed or not self._opened:
+            raise self._refusal()
+        received_ms = int(time.time() * 1000)
+        record = encode_record(rows, count, received_ms)
+        segments = self._segments
+        if segments.total_bytes + len(record) > self._max_bytes:
+            self._metrics.rejected_full.inc({})
+            raise Refused("overloaded", f"the spool is full (SPOOL_MAX_BYTES={self._max_bytes}); retry later")
+        try:
+            position, end = await segments.append(record)
+        except OSError as error:
+            self._metrics.write_errors.inc({})
+            raise Refused("overloaded", f"cannot write the spool: {error.strerror or error}") from None
+        self._unconfirmed.track(position, received_ms, count)
+        self._replay.add(position, end, count, received_at, rows, confirmation)
+        if durable:
+            await self._fsync.wait_synced(end)
+
+    def _refusal(self) -> Exception:
+        if self._ended:
+            return PipelineDown("the spool has stopped")
+        if self._closed:
+            return Refused("shutting_down", "the spool is closed", retry_after=5)
+        return Refused("overloaded", self._error or "the spool is not open yet", retry_after=1)
+
+    # -- the Writer's ledger ----------------------------------------------------------------------
+
+    async def before_insert(self, batch: Batch) -> None:
+        """The batch's range, fsynced in the ledger before it is sent. Raises OSError."""
+        first = batch.first_position
+        if first is not None and self._opened:
+            await self._ledger.record_intent(first, _end_of(batch))
+
+    async def after_insert(self, batch: Batch) -> None:
+        """ClickHouse has the batch: its end becomes the confirmed mark, the segments wholly
+        before the mark are deleted, and its events leave the MemoryLimit."""
+        self._memory.release(batch.count)
+        if batch.first_position is None or not self._opened:
+            return
+        confirmed = await self._ledger.record_confirmed(_end_of(batch))
+        self._unconfirmed.drop_before(confirmed)
+        await self._segments.delete_confirmed(confirmed)
+        self.publish_metrics()
+
+    # -- reporting ------------------------------------------------------------------------------
+
+    @property
+    def unconfirmed_events(self) -> int:
+        return self._unconfirmed.events
+
+    @property
+    def fill_ratio(self) -> float:
+        return self._segments.total_bytes / self._max_bytes
+
+    def publish_metrics(self) -> None:
+        """Sets the gauges; called at every scrape rather than at every append, where it cost
+        more than the gauges told."""
+        metrics = self._metrics
+        metrics.bytes.set({}, self._segments.total_bytes)
+        metrics.segments.set({}, self._segments.count)
+        metrics.oldest_unconfirmed_timestamp.set({}, self._unconfirmed.oldest_unix)
+        metrics.unconfirmed_events.set({}, self._unconfirmed.events)
+
+    def not_ready_reason(self) -> str | None:
+        if self._ended:
+            return "spool stopped"
+        if not self._opened:
+            return f"spool unavailable: {self._error or 'not open yet'}"
+        if self._fsync.failing:
+            return f"spool cannot make writes durable: {self._error}"
+        if self.fill_ratio >= NEARLY_FULL:
+            return f"spool {self.fill_ratio:.0%} full"
+        return None
+
+
+def _end_of(batch: Batch) -> SpoolPosition:
+    last = batch.deliveries[-1]
+    assert last.position is not None
+    return record_end(last.position, len(last.rows))

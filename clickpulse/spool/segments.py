@@ -1,0 +1,350 @@
+"""The spool's segment files (`segment-<12 digits>.log`): appending, rolling, group fsync, deletion.
+
+Records are appended to the active segment; once it holds SEGMENT_BYTES the next record starts a
+new one. One task fsyncs whatever was written since its last pass (the active segment, segments
+retired since, and the directory when a segment was created), so many writers share one fsync; a
+durable writer waits for the pass that covers its record. A segment is deleted once the confirmed
+mark has passed its end.
+
+`Segments` owns the files; `GroupFsync` is the one task that fsyncs them.
+
+Small records are written inline on the event loop: the hot path. A large record (at least
+LARGE_WRITE_BYTES), a roll to a new segment, and the rest of a partial write run in a worker
+thread, one at a time; while one does, other writes queue behind it, so records never interleave.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import errno
+import logging
+import os
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from clickpulse.messages import Refused, SpoolPosition
+from clickpulse.metrics import SpoolMetrics
+from clickpulse.spool.record import Extent, scan_extents
+
+log = logging.getLogger("clickpulse.spool")
+
+SEGMENT_NAME = re.compile(r"segment-(\d{12})\.log")
+LARGE_WRITE_BYTES = 64 << 10
+
+
+def segment_name(number: int) -> str:
+    return f"segment-{number:012d}.log"
+
+
+def fsync_directory(directory: Path) -> None:
+    directory_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(directory_fd)
+    finally:
+        os.close(directory_fd)
+
+
+class Segments:
+    def __init__(self, *, directory: Path, segment_bytes: int, metrics: SpoolMetrics) -> None:
+        self.directory = directory
+        self._segment_bytes = segment_bytes
+        self._metrics = metrics
+        self._sizes: dict[int, int] = {}  # every segment on disk, the active one included
+        self._active = 0
+        self._fd: int | None = None  # the active segment, open for appending
+        self._closing: list[int] = []  # retired segments: fsynced and closed by the next pass
+        self._directory_dirty = False  # a segment was created since the last directory fsync
+        self._must_roll = False  # a partial record could not be cut off: the next record starts a segment
+        self.total_bytes = 0
+        self.written = SpoolPosition(0, 0)  # records ending at or before this are written
+        self.wrote = asyncio.Event()  # set at every write; cleared by the fsync pass
+        self.sync_lock = asyncio.Lock()  # held by an fsync pass, and by close()
+        self._off_loop = 0  # writes in or waiting for the worker thread; inline writes wait behind them
+        self._write_lock = asyncio.Lock()
+
+    @property
+    def count(self) -> int:
+        return len(self._sizes)
+
+    # -- recovery (in a worker thread, before the spool is open) -------------------------------
+
+    def recover(self, confirmed: SpoolPosition, take: Callable[[int, bytes, list[Extent]], None]) -> int:
+        """Blocking. Scans every segment in order, truncates a torn or corrupt tail, deletes the
+        segments ClickHouse has confirmed wholly, and starts a new active segment. Hands each
+        segment's records after `confirmed` to `take(number, data, extents)`, in log order.
+        Returns how many segments had a damaged tail."""
+        directory = self.directory
+        numbers = sorted(int(m.group(1)) for name in os.listdir(directory) if (m := SEGMENT_NAME.fullmatch(name)))
+        sizes: dict[int, int] = {}
+        damaged = 0
+        for index, number in enumerate(numbers):
+            path = directory / segment_name(number)
+            data = path.read_bytes()
+            extents, intact = scan_extents(data)
+            if intact < len(data):
+                damaged += 1
+                log.warning(
+                    "spool segment %s: %d bytes after offset %d are %s; dropped",
+                    path.name, len(data) - intact, intact, "a torn tail" if index == len(numbers) - 1 else "corrupt",
+                )
+                with open(path, "r+b") as segment_file:
+                    segment_file.truncate(intact)
+                    os.fsync(segment_file.fileno())
+            if number < confirmed.segment:
+                first = len(extents)
+            elif number > confirmed.segment:
+                first = 0
+            else:
+                first = next((i for i, extent in enumerate(extents) if extent[0] >= confirmed.offset), len(extents))
+            if first == len(extents):  # every record is in ClickHouse; writing resumes in a new segment
+                path.unlink()
+                continue
+            sizes[number] = intact
+            take(number, data, extents[first:])
+            del data, extents
+        # Never a number at or before the confirmed mark, even when every segment up to it was
+        # deleted: records there would count as confirmed at the next start and be dropped.
+        active = max(max(sizes, default=0), confirmed.segment) + 1
+        fd, size = self._create(active)
+        try:
+            fsync_directory(directory)
+        except OSError:
+            os.close(fd)
+            raise
+        self._sizes = sizes
+        self.total_bytes = sum(sizes.values())
+        self._install(active, fd, size)
+        self._directory_dirty = False
+        self.written = SpoolPosition(active, 0)
+        return damaged
+
+    def _create(self, number: int) -> tuple[int, int]:
+        fd = os.open(self.directory / segment_name(number), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        return fd, os.fstat(fd).st_size
+
+    def _install(self, number: int, fd: int, size: int) -> None:
+        # Created before the active segment is retired: if that fails, the active one stays usable.
+        if self._fd is not None:
+            self._closing.append(self._fd)
+        self._active, self._fd = number, fd
+        self.total_bytes += size - self._sizes.get(number, 0)
+        self._sizes[number] = size
+        self._directory_dirty = True
+        self._must_roll = False
+
+    # -- appending ------------------------------------------------------------------------------
+
+    async def append(self, record: bytes) -> tuple[SpoolPosition, SpoolPosition]:
+        """Writes one record after the last; returns where it starts and where it ends.
+        Raises OSError, leaving no part of the record behind a later one."""
+        fd = self._fd
+        assert fd is not None, "the spool is not open"
+        if (
+            not self._off_loop
+            and len(record) < LARGE_WRITE_BYTES
+            and not self._must_roll
+            and self._sizes[self._active] < self._segment_bytes
+        ):
+            written = os.write(fd, record)  # an OSError here wrote nothing
+            if written == len(record):
+                return self._advance(len(record))
+            return await self._off_the_loop(record, written)
+        return await self._off_the_loop(record, 0)
+
+    async def _off_the_loop(self, record: bytes, written: int) -> tuple[SpoolPosition, SpoolPosition]:
+        self._off_loop += 1  # counted before the first await: no inline write slips in between
+        try:
+            async with self._write_lock:
+                if written == 0 and (self._must_roll or self._sizes[self._active] >= self._segment_bytes):
+                    fd, size = await asyncio.to_thread(self._create, self._active + 1)
+                    self._install(self._active + 1, fd, size)
+                    self._metrics.segments.set({}, len(self._sizes))
+                if len(record) - written >= LARGE_WRITE_BYTES:
+                    await asyncio.to_thread(self._write_rest, record, written)
+                else:
+                    self._write_rest(record, written)
+                return self._advance(len(record))
+        finally:
+            self._off_loop -= 1
+
+    def _write_rest(self, record: bytes, written: int) -> None:
+        fd, size = self._fd, self._sizes[self._active]
+        if fd is None:  # closed while this write waited its turn
+            raise OSError(errno.EBADF, "the spool is closed")
+        try:
+            while written < len(record):
+                written += os.write(fd, record[written:])
+        except OSError:
+            if written:  # never leave half a record behind a good one
+                try:
+                    os.ftruncate(fd, size)
+                except OSError:
+                    log.error("spool: cannot truncate a partial record in %s; rolling", segment_name(self._active))
+                    self._must_roll = True
+            raise
+
+    def _advance(self, length: int) -> tuple[SpoolPosition, SpoolPosition]:
+        number = self._active
+        start = self._sizes[number]
+        self._sizes[number] = start + length
+        self.total_bytes += length
+        self.written = end = SpoolPosition(number, start + length)
+        self.wrote.set()
+        return SpoolPosition(number, start), end
+
+    # -- for the fsync pass ---------------------------------------------------------------------
+
+    def take_unsynced(self) -> tuple[list[int], int | None, bool]:
+        """What the next pass fsyncs: the retired segments (it closes them), the active one, and
+        whether the directory changed."""
+        closing, self._closing = self._closing, []
+        directory_dirty, self._directory_dirty = self._directory_dirty, False
+        return closing, self._fd, directory_dirty
+
+    def directory_unsynced(self) -> None:
+        """A pass failed before the directory was fsynced: the next one does it."""
+        self._directory_dirty = True
+
+    # -- deletion and closing -------------------------------------------------------------------
+
+    async def delete_confirmed(self, confirmed: SpoolPosition) -> None:
+        """Deletes the segments that end at or before `confirmed` (never the active one)."""
+        doomed = []
+        for number in sorted(self._sizes):
+            if number == self._active or SpoolPosition(number, self._sizes[number]) > confirmed:
+                break
+            doomed.append(number)
+        if not doomed:
+            return
+        for number in await asyncio.to_thread(self._unlink, doomed):
+            self.total_bytes -= self._sizes.pop(number, 0)
+
+    def _unlink(self, numbers: list[int]) -> list[int]:
+        deleted = []
+        for number in numbers:
+            try:
+                (self.directory / segment_name(number)).unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as error:
+                log.warning("spool: cannot delete confirmed segment %s: %s", segment_name(number), error)
+                break
+            deleted.append(number)
+        return deleted
+
+    async def close(self) -> None:
+        async with self.sync_lock:
+            fds, self._closing = [*self._closing, *([self._fd] if self._fd is not None else [])], []
+            self._fd = None
+            if fds:
+                await asyncio.to_thread(_fsync_and_close_all, fds)
+
+
+def _fsync_and_close_all(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.fsync(fd)
+        except OSError as error:  # a failing disk
+            log.warning("spool: closing a segment: %s", error)
+        finally:
+            os.close(fd)
+
+
+class GroupFsync:
+    """The one task that makes writes durable: each pass fsyncs everything written since the
+    last, then answers every writer waiting for a record the pass covered."""
+
+    def __init__(
+        self,
+        segments: Segments,
+        *,
+        metrics: SpoolMetrics,
+        on_synced: Callable[[], None],
+        on_error: Callable[[str], None],
+    ) -> None:
+        self._segments = segments
+        self._metrics = metrics
+        self._on_synced = on_synced
+        self._on_error = on_error
+        self.synced = SpoolPosition(0, 0)  # records ending at or before this are fsynced
+        self.failing = False  # the last pass failed; until one succeeds again
+        self._waiters: collections.deque[tuple[SpoolPosition, asyncio.Future[None]]] = collections.deque()
+
+    def recovered(self, through: SpoolPosition) -> None:
+        """What recovery found before `through` was on disk already."""
+        self.synced = max(self.synced, through)
+
+    async def wait_synced(self, end: SpoolPosition) -> None:
+        """Returns once a pass has fsynced everything up to `end`; raises Refused if it failed."""
+        synced: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((end, synced))
+        await synced
+
+    async def run(self) -> None:
+        segments = self._segments
+        while True:
+            await segments.wrote.wait()
+            segments.wrote.clear()
+            target = segments.written
+            started = time.perf_counter()
+            try:
+                async with segments.sync_lock:
+                    closing, active_fd, sync_directory = segments.take_unsynced()
+                    if active_fd is None:  # closed
+                        continue
+                    try:
+                        await asyncio.to_thread(_sync_files, segments.directory, closing, active_fd, sync_directory)
+                    except OSError:
+                        if sync_directory:
+                            segments.directory_unsynced()
+                        raise
+            except OSError as error:
+                self._metrics.write_errors.inc({})
+                self._on_error(f"fsync failed: {error.strerror or error}")
+                self.failing = True
+                self._settle(target, error)
+            else:
+                self._metrics.fsync_duration.observe({}, time.perf_counter() - started)
+                self.failing = False
+                self._settle(target, None)
+            self.synced = max(self.synced, target)
+            self._on_synced()
+
+    def _settle(self, through: SpoolPosition, error: OSError | None) -> None:
+        waiters = self._waiters
+        while waiters and waiters[0][0] <= through:
+            _, waiter = waiters.popleft()
+            if waiter.done():
+                continue
+            if error is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(
+                    Refused("overloaded", f"the spool could not be made durable: {error.strerror or error}", retry_after=1)
+                )
+
+    def fail_waiters(self, error: BaseException) -> None:
+        """Nobody will fsync any more: every waiting writer gets `error` now."""
+        while self._waiters:
+            _, waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(error)
+
+
+def _sync_files(directory: Path, closing: list[int], active_fd: int, sync_directory: bool) -> None:
+    failure: OSError | None = None
+    for fd in closing:
+        try:
+            os.fsync(fd)
+        except OSError as error:
+            failure = failure or error
+        finally:
+            os.close(fd)
+    if failure is not None:
+        raise failure
+    os.fsync(active_fd)
+    if sync_directory:
+        fsync_directory(directory)
