@@ -1,14 +1,18 @@
 """Helpers shared by the tests and the benchmark: stopping processes, free ports, a clock a test
-moves by hand, and the environment a `python -m clickpulse` child process gets."""
+moves by hand, a recorder standing in for the Batcher's mailbox, polling until a condition
+holds, and the environment a `python -m clickpulse` child process gets."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from clickpulse.config import SETTINGS
+from clickpulse.messages import Batch, Delivery
 
 if TYPE_CHECKING:  # bench/run.py imports this module without pytest
     import pytest
@@ -87,3 +91,52 @@ class ManualClock:
     def install(self, monkeypatch: pytest.MonkeyPatch, module: object) -> None:
         """Replaces `module.time` (the `time` module as that module imported it) for this test."""
         monkeypatch.setattr(module, "time", self)
+
+
+@dataclass
+class MailboxRecorder:
+    """Stands in for Batcher.put: records what the intake hands on, in order. A whole Batch (the
+    spool's batch in flight at a crash) is kept in `batches` and its deliveries in `deliveries`.
+    `on_delivery`, when set, runs on every delivery: a test's stand-in for the Writer's answer."""
+
+    deliveries: list[Delivery] = field(default_factory=list)
+    batches: list[Batch] = field(default_factory=list)
+    on_delivery: Callable[[Delivery], None] | None = None
+    arrival: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __call__(self, message: Delivery | Batch) -> None:
+        if isinstance(message, Batch):
+            self.batches.append(message)
+        for delivery in message.deliveries if isinstance(message, Batch) else [message]:
+            self.deliveries.append(delivery)
+            self.arrival.set()
+            if self.on_delivery is not None:
+                self.on_delivery(delivery)
+
+    put = __call__
+
+    async def wait_for(self, count: int, timeout: float = 1.0) -> list[Delivery]:
+        async with asyncio.timeout(timeout):
+            while len(self.deliveries) < count:
+                self.arrival.clear()
+                await self.arrival.wait()
+        return self.deliveries
+
+    @property
+    def payloads(self) -> list[bytes]:
+        return [delivery.rows for delivery in self.deliveries]
+
+
+async def eventually(check: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:
+    """Polls an async or sync check until it returns a truthy value; fails with its last value."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    last: Any = None
+    while loop.time() < deadline:
+        last = check()
+        if asyncio.iscoroutine(last):
+            last = await last
+        if last:
+            return last
+        await asyncio.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s; last value {last!r}")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -17,10 +17,11 @@ from aiohttp.test_utils import TestClient
 from clickpulse.http.app import HttpApp
 from clickpulse.intake import MemoryIntake
 from clickpulse.memory_limit import MemoryLimit
-from clickpulse.messages import AckMode, Batch, Delivery
+from clickpulse.messages import AckMode, Delivery
 from clickpulse.metrics import PipelineMetrics
 from clickpulse.ports import BufferingPath
 from clickpulse.spool import Spool
+from tests.support import MailboxRecorder
 
 MAX_BODY_BYTES = 4096
 MAX_BATCH_EVENTS = 5
@@ -48,21 +49,11 @@ def event_types(rows: bytes) -> list[str]:
 
 
 @dataclass
-class FakeBatcher:
+class FakeBatcher(MailboxRecorder):
     """Stands in for Batcher.put (records each Delivery) and the pipeline's not_ready_reason.
-    `on_put`, when set, runs on every delivery: a test's stand-in for the Writer's confirmation."""
+    `on_delivery`, when set, runs on every delivery: a test's stand-in for the Writer's confirmation."""
 
     not_ready: str | None = None
-    deliveries: list[Delivery] = field(default_factory=list)
-    on_put: Callable[[Delivery], None] | None = None
-    arrival: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def put(self, delivery: Delivery | Batch) -> None:
-        assert isinstance(delivery, Delivery)
-        self.deliveries.append(delivery)
-        self.arrival.set()
-        if self.on_put is not None:
-            self.on_put(delivery)
 
     def not_ready_reason(self) -> str | None:
         return self.not_ready
@@ -72,11 +63,7 @@ class FakeBatcher:
         return [event_types(delivery.rows) for delivery in self.deliveries]
 
     async def wait_for_deliveries(self, count: int, timeout: float = 1.0) -> None:
-        async with asyncio.timeout(timeout):
-            while len(self.deliveries) < count:
-                self.arrival.clear()
-                await self.arrival.wait()
-
+        await self.wait_for(count, timeout)
 
 @dataclass
 class App:

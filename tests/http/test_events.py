@@ -302,7 +302,7 @@ async def test_ack_clickhouse_answers_200_written_only_once_the_insert_is_confir
 @pytest.mark.parametrize("query", ["wait=true", "wait=1", "wait=yes", "ack=clickhouse", "ack=ClickHouse"])
 async def test_wait_or_ack_clickhouse_query_overrides_memory_mode(make_app: MakeApp, query: str) -> None:
     app = await make_app(ack_mode="memory")
-    app.pipeline.on_put = confirm_all
+    app.pipeline.on_delivery = confirm_all
 
     response = await app.post(encode([event_object(index) for index in range(3)]), query=query)
 
@@ -326,7 +326,7 @@ async def test_rows_rejected_by_clickhouse_are_422_with_counts_and_where_they_we
         assert delivery.confirmation is not None
         delivery.confirmation.set_exception(RowsRejected(1, delivery.count - 1, "events_quarantine"))
 
-    app.pipeline.on_put = reject_one
+    app.pipeline.on_delivery = reject_one
 
     response = await app.post(encode([event_object(index) for index in range(3)]))
 
@@ -372,7 +372,7 @@ async def test_unknown_ack_mode_is_400_listing_the_modes(app: App, query: str) -
 
 async def test_unrelated_query_parameters_keep_the_configured_mode(make_app: MakeApp) -> None:
     app = await make_app(ack_mode="clickhouse")
-    app.pipeline.on_put = confirm_all
+    app.pipeline.on_delivery = confirm_all
 
     response = await app.post(encode(event_object()), query="utm_source=x")
 
@@ -402,7 +402,7 @@ async def test_a_request_waiting_for_clickhouse_is_answered_503_at_once_when_an_
 
 async def test_a_confirmation_failed_with_pipeline_down_is_503(make_app: MakeApp) -> None:
     app = await make_app(ack_mode="clickhouse", ack_timeout=30.0)
-    app.pipeline.on_put = lambda delivery: delivery.confirmation.set_exception(  # type: ignore[union-attr]
+    app.pipeline.on_delivery = lambda delivery: delivery.confirmation.set_exception(  # type: ignore[union-attr]
         PipelineDown("the writer has stopped")
     )
 

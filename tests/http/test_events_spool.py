@@ -57,7 +57,7 @@ async def test_ack_memory_with_a_spool_still_writes_the_record(make_app: MakeApp
 
 async def test_ack_clickhouse_with_a_spool_carries_the_confirmation_through_it(make_app: MakeApp, tmp_path: Path) -> None:
     app = await make_app(ack_mode="disk", spool_dir=tmp_path)
-    app.pipeline.on_put = confirm_all
+    app.pipeline.on_delivery = confirm_all
 
     response = await app.post(encode(event_object()), query="wait=true")
 

@@ -7,7 +7,7 @@ import contextlib
 import re
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ import pytest
 from clickpulse.config import load_config
 from clickpulse.service import Service
 from tests.servers import ClickHouseServer
-from tests.support import free_port
+from tests.support import eventually, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -35,18 +35,6 @@ async def running_service(dsn: str, **settings: str) -> AsyncIterator[Service]:
             await service.stop()
 
 
-async def eventually(check: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:
-    """Polls an async or sync check until it returns a truthy value; fails with its last value."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    last: Any = None
-    while asyncio.get_running_loop().time() < deadline:
-        last = check()
-        if asyncio.iscoroutine(last):
-            last = await last
-        if last:
-            return last
-        await asyncio.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout}s; last value {last!r}")
 
 
 async def count_rows(server: ClickHouseServer, database: str, table: str = "events", where: str = "") -> int:

@@ -6,7 +6,6 @@ import asyncio
 import signal
 import subprocess
 import sys
-from pathlib import Path
 from urllib.parse import quote
 
 import aiohttp

@@ -13,7 +13,8 @@ from aioprometheus import Registry
 from clickpulse.memory_limit import MemoryLimit
 from clickpulse.metrics import SpoolMetrics
 from clickpulse.spool import Spool
-from tests.spool.helpers import Forwarded, Harness
+from tests.spool.helpers import Harness
+from tests.support import MailboxRecorder
 
 OpenSpool = Callable[..., Awaitable[Harness]]
 
@@ -34,7 +35,7 @@ async def open_spool(tmp_path: Path) -> AsyncIterator[OpenSpool]:
     ) -> Harness:
         metrics = SpoolMetrics(Registry())
         memory = memory or MemoryLimit(capacity_events)
-        forwarded = Forwarded()
+        forwarded = MailboxRecorder()
         spool = Spool(
             directory=directory or tmp_path / "spool",
             max_bytes=max_bytes,

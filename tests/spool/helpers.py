@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from clickpulse.memory_limit import MemoryLimit
 from clickpulse.messages import Batch, Delivery
 from clickpulse.metrics import SpoolMetrics
 from clickpulse.spool import HEADER, ScannedRecord, Spool, encode_record, scan_segment
+from tests.support import MailboxRecorder
 
 
 def rows(name: str, count: int = 1) -> bytes:
@@ -36,40 +36,8 @@ def fsync_passes(metrics: SpoolMetrics) -> int:
     return int(metrics.fsync_duration.get({})["count"])
 
 
-async def eventually(condition: Callable[[], bool], timeout: float = 2.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.005)
 
 
-@dataclass
-class Forwarded:
-    """Stands in for Batcher.put: records what the spool forwards, in order."""
-
-    deliveries: list[Delivery] = field(default_factory=list)
-    arrival: asyncio.Event = field(default_factory=asyncio.Event)
-    on_delivery: Callable[[Delivery], None] | None = None
-    batches: list[Batch] = field(default_factory=list)  # whole batches (the one in flight at a crash)
-
-    def __call__(self, message: Delivery | Batch) -> None:
-        if isinstance(message, Batch):
-            self.batches.append(message)
-        for delivery in message.deliveries if isinstance(message, Batch) else [message]:
-            self.deliveries.append(delivery)
-            self.arrival.set()
-            if self.on_delivery is not None:
-                self.on_delivery(delivery)
-
-    async def wait_for(self, count: int, timeout: float = 1.0) -> list[Delivery]:
-        async with asyncio.timeout(timeout):
-            while len(self.deliveries) < count:
-                self.arrival.clear()
-                await self.arrival.wait()
-        return self.deliveries
-
-    @property
-    def payloads(self) -> list[bytes]:
-        return [delivery.rows for delivery in self.deliveries]
 
 
 @dataclass
@@ -77,7 +45,7 @@ class Harness:
     spool: Spool
     metrics: SpoolMetrics
     memory: MemoryLimit
-    forwarded: Forwarded
+    forwarded: MailboxRecorder
     task: asyncio.Task[None] | None = None
 
     def run(self) -> None:

@@ -23,13 +23,12 @@ from clickpulse.ports import BufferingPath
 from clickpulse.spool import Spool, segment_name
 from tests.spool.conftest import OpenSpool
 from tests.spool.helpers import (
-    Forwarded,
     append_and_forward,
-    eventually,
     now,
     rewrite_rows_on_disk,
     rows,
 )
+from tests.support import MailboxRecorder, eventually
 
 
 @pytest.fixture
@@ -39,7 +38,7 @@ def quick_reopen(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_a_spool_is_a_buffering_path(tmp_path: Path) -> None:
     spool = Spool(directory=tmp_path, max_bytes=1, segment_bytes=1, memory=MemoryLimit(1),
-                  deliver=Forwarded(), metrics=SpoolMetrics(Registry()))
+                  deliver=MailboxRecorder(), metrics=SpoolMetrics(Registry()))
     path: BufferingPath = spool  # checked by mypy; at run time, what the supervisor relies on
     assert (path.keeps_unwritten, path.takes_durable) == (True, True)
 
