@@ -67,13 +67,13 @@ def summary(lags: list[float]) -> dict[str, float]:
 
 async def measure(directory: Path, records: int, capacity: int, segment_bytes: int) -> dict[str, object]:
     loop = asyncio.get_running_loop()
-    memory = MemoryLimit(capacity)
+    memory = MemoryLimit(capacity, 1 << 30)
     forwarded = 0
     everything = asyncio.Event()
 
     def deliver(message: Delivery | Batch) -> None:
         nonlocal forwarded
-        memory.release(message.count)
+        memory.release(message.count, 0)
         forwarded += message.count
         if forwarded >= records:
             everything.set()

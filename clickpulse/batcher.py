@@ -95,6 +95,7 @@ class Batcher:
         self._metrics = metrics
         self._buffer: list[Delivery] = []
         self._buffered_events = 0
+        self._buffered_bytes = 0
         self._mailbox = EventMailbox()
 
     def put(self, delivery: Delivery | Batch) -> None:
@@ -153,14 +154,16 @@ class Batcher:
                 deadline = message.received_at + self._flush_interval
             self._buffer.append(message)
             self._buffered_events += message.count
+            self._buffered_bytes += len(message.rows)
             if self._buffered_events >= self._batch_size:
                 await self._flush("size")
                 deadline = None
 
     async def _flush(self, trigger: FlushCause) -> None:
-        batch = Batch(self._buffer, trigger, self._buffered_events)
+        batch = Batch(self._buffer, trigger, self._buffered_events, self._buffered_bytes)
         self._buffer = []
         self._buffered_events = 0
+        self._buffered_bytes = 0
         self._metrics.batch_flushes.inc({"trigger": trigger})
         self._metrics.batch_size.set({}, batch.count)
         self._metrics.batch_rows.observe({}, batch.count)

@@ -57,6 +57,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     max_body_bytes: int = 1024 * 1024
     max_batch_events: int = 10_000
     max_buffer_events: int = 100_000
+    max_buffer_bytes: int = 64 << 20
     spool_dir: Path | None = None
     spool_max_bytes: int = 1 << 30
     ack_mode: AckMode = "memory"
@@ -241,7 +242,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("FLUSH_INTERVAL", "flush_interval", _positive_duration, "flush when the oldest buffered event is this old"),
     Setting("MAX_BODY_BYTES", "max_body_bytes", _positive_int, "largest request body (413 above)"),
     Setting("MAX_BATCH_EVENTS", "max_batch_events", _positive_int, "most events in one request (413 above)"),
-    Setting("MAX_BUFFER_EVENTS", "max_buffer_events", _positive_int, "most events waiting for the Batcher (503 above)"),
+    Setting("MAX_BUFFER_EVENTS", "max_buffer_events", _positive_int, "most events held in memory (503 above)"),
+    Setting("MAX_BUFFER_BYTES", "max_buffer_bytes", parse_size,
+            "most bytes of encoded events held in memory (503 above)"),
     Setting("SHUTDOWN_TIMEOUT", "shutdown_timeout", _positive_duration, "time to drain on SIGTERM"),
     Setting("SPOOL_DIR", "spool_dir", _directory, "directory of the write-ahead log; unset: no spool"),
     Setting("SPOOL_MAX_BYTES", "spool_max_bytes", parse_size, "most bytes the spool may take on disk (503 above)"),

@@ -44,15 +44,16 @@ class MemoryIntake:
         confirmation: asyncio.Future[int] | None,
     ) -> None:
         memory = self._memory
-        if not memory.try_reserve(count) and not await memory.reserve(count, self._enqueue_wait):
-            raise Refused("overloaded", "the pipeline is full (MAX_BUFFER_EVENTS); retry later")
+        size = len(rows)
+        if not memory.try_reserve(count, size) and not await memory.reserve(count, size, self._enqueue_wait):
+            raise Refused("overloaded", "the pipeline is full (MAX_BUFFER_EVENTS, MAX_BUFFER_BYTES); retry later")
         self._to_batcher(Delivery(rows, count, received_at, None, confirmation))
 
     async def before_insert(self, batch: Batch) -> None:
         """Nothing to record: without a spool an insert leaves no trace to recover from."""
 
     async def after_insert(self, batch: Batch) -> None:
-        self._memory.release(batch.count)
+        self._memory.release(batch.count, batch.size)
 
     @property
     def unconfirmed_events(self) -> int:
@@ -69,6 +70,10 @@ class MemoryIntake:
 
     def not_ready_reason(self) -> str | None:
         memory = self._memory
-        if memory.fill_ratio >= NEARLY_FULL:
-            return f"buffer {memory.fill_ratio:.0%} full (MAX_BUFFER_EVENTS={memory.capacity_events})"
+        events_ratio = memory.held / memory.capacity_events
+        bytes_ratio = memory.held_bytes / memory.capacity_bytes
+        if events_ratio >= NEARLY_FULL and events_ratio >= bytes_ratio:
+            return f"buffer {events_ratio:.0%} full (MAX_BUFFER_EVENTS={memory.capacity_events})"
+        if bytes_ratio >= NEARLY_FULL:
+            return f"buffer {bytes_ratio:.0%} full (MAX_BUFFER_BYTES={memory.capacity_bytes})"
         return None

@@ -47,10 +47,13 @@ class Batch:
     deliveries: list[Delivery]
     trigger: FlushTrigger
     count: int = field(default=0)
+    size: int = field(default=0)  # bytes of rows, as reserved in the MemoryLimit
 
     def __post_init__(self) -> None:
         if not self.count:
             self.count = sum(delivery.count for delivery in self.deliveries)
+        if not self.size:
+            self.size = sum(len(delivery.rows) for delivery in self.deliveries)
 
     @property
     def oldest_received_at(self) -> float:

@@ -124,6 +124,9 @@ class BatcherMetrics:
         self.buffer_capacity_events = Gauge(
             "buffer_capacity_events", "MAX_BUFFER_EVENTS: above this the receiver answers 503.", registry=registry
         )
+        self.buffer_capacity_bytes = Gauge(
+            "buffer_capacity_bytes", "MAX_BUFFER_BYTES: above this the receiver answers 503.", registry=registry
+        )
         self.mailbox_events = Gauge(
             "batcher_mailbox_events",
             "Events in the Batcher's mailbox, not yet taken into its buffer (they pile up while the Writer is busy).",
@@ -220,6 +223,12 @@ class WriterMetrics:
             registry=registry,
         )
         self.memory_events.set({}, 0)
+        self.memory_bytes = Gauge(
+            "pipeline_memory_bytes",
+            "Bytes of encoded events held in memory anywhere in the pipeline; limited by MAX_BUFFER_BYTES.",
+            registry=registry,
+        )
+        self.memory_bytes.set({}, 0)
         self.up.set({}, 0)
         self.pending_events.set({}, 0)
         self.backend_info = Gauge(

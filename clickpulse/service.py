@@ -95,9 +95,15 @@ def build_pipeline(config: Config, metrics: PipelineMetrics) -> Pipeline:
         connection, database = HttpClickHouse(config.clickhouse, session), config.clickhouse.database
     metrics.writer.backend_info.set({"backend": connection.backend}, 1)
 
-    memory = MemoryLimit(config.max_buffer_events)
+    memory = MemoryLimit(config.max_buffer_events, config.max_buffer_bytes)
     metrics.batcher.buffer_capacity_events.set({}, config.max_buffer_events)
-    metrics.on_scrape(lambda: metrics.writer.memory_events.set({}, memory.held))
+    metrics.batcher.buffer_capacity_bytes.set({}, config.max_buffer_bytes)
+
+    def publish_memory() -> None:
+        metrics.writer.memory_events.set({}, memory.held)
+        metrics.writer.memory_bytes.set({}, memory.held_bytes)
+
+    metrics.on_scrape(publish_memory)
 
     def to_batcher(message: Delivery | Batch) -> None:
         batcher.put(message)  # bound below: data flows to the Batcher, outcomes back to the path

@@ -209,6 +209,7 @@ BAD_VALUES = {
     "SPOOL_DIR": "   ",
     "DATA_DIR": "   ",
     "SPOOL_MAX_BYTES": "10XB",
+    "MAX_BUFFER_BYTES": "0",
     "ACK_MODE": "eventually",
     "ACK_TIMEOUT": "0",
     "CLICKHOUSE_DOWN_GRACE": "soon",

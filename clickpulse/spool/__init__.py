@@ -230,7 +230,7 @@ class Spool:
     async def after_insert(self, batch: Batch) -> None:
         """ClickHouse has the batch: its end becomes the confirmed mark, the segments wholly
         before the mark are deleted, and its events leave the MemoryLimit."""
-        self._memory.release(batch.count)
+        self._memory.release(batch.count, batch.size)
         if batch.first_position is None or not self._opened:
             return
         confirmed = await self._ledger.record_confirmed(_end_of(batch))

@@ -38,30 +38,34 @@ class Admission:
     Recovery applies it in a worker thread, to an Admission of its own that the spool adopts
     once open: nothing else touches it then, and memory.held is only read."""
 
-    __slots__ = ("_memory", "kept", "on_disk")
+    __slots__ = ("_memory", "kept", "kept_bytes", "on_disk")
 
     def __init__(self, memory: MemoryLimit) -> None:
         self._memory = memory
         self.kept = 0  # events of the records waiting with their rows in memory
+        self.kept_bytes = 0  # and the bytes of those rows
         self.on_disk = 0  # records waiting with their rows on disk only
 
-    def admit(self, count: int) -> bool:
-        """Whether a new record of `count` events keeps its rows; counted either way."""
-        memory = self._memory
-        if not self.on_disk and memory.held + self.kept + count <= memory.capacity_events:
+    def admit(self, count: int, size: int) -> bool:
+        """Whether a new record of `count` events and `size` bytes of rows keeps its rows;
+        counted either way."""
+        if not self.on_disk and self._memory.fits(count, size, self.kept, self.kept_bytes):
             self.kept += count
+            self.kept_bytes += size
             return True
         self.on_disk += 1
         return False
 
-    def hold(self, count: int) -> None:
+    def hold(self, count: int, size: int) -> None:
         """Rows kept whatever the rule says: the batch in flight at a crash, which goes first."""
         self.kept += count
+        self.kept_bytes += size
 
-    def leave(self, kept: bool, count: int) -> None:
+    def leave(self, kept: bool, count: int, size: int) -> None:
         """A record no longer waits here (forwarded, or its events now reserved in the MemoryLimit)."""
         if kept:
             self.kept -= count
+            self.kept_bytes -= size
         else:
             self.on_disk -= 1
 
@@ -71,6 +75,11 @@ class Admission:
 # recovered record (it counts from the moment the spool opened). A plain tuple: once it holds no
 # rows-waiter, the garbage collector stops tracking it, however long the spool's backlog.
 Waiting = tuple[int, int, int, int, float | None, bytes | None, "asyncio.Future[int] | None"]
+
+
+def rows_size(record: Waiting) -> int:
+    """The bytes of a waiting record's rows, as the MemoryLimit counts them."""
+    return record[2] - record[1] - HEADER.size
 
 
 @dataclass(slots=True)
@@ -98,10 +107,11 @@ def recover(ledger: LedgerFile, segments: Segments, admission: Admission, clock:
         for offset, record_end, count, received_ms in extents:
             unconfirmed.append((number, offset, received_ms, count))
             events += count
+            size = record_end - offset - header
             if start <= (number, offset) < end:  # the batch in flight: kept, to go first
-                admission.hold(count)
+                admission.hold(count, size)
                 in_flight.append((data[offset + header : record_end], count, SpoolPosition(number, offset)))
-            elif admission.admit(count):
+            elif admission.admit(count, size):
                 waiting.append((number, offset, record_end, count, None, data[offset + header : record_end], None))
             else:
                 waiting.append((number, offset, record_end, count, None, None, None))
@@ -159,7 +169,7 @@ class Replay:
         confirmation: asyncio.Future[int] | None,
     ) -> None:
         """Queues a record just appended."""
-        kept = self.admission.admit(count)
+        kept = self.admission.admit(count, len(rows))
         self._queue.append(
             (position.segment, position.offset, end.offset, count, received_at, rows if kept else None, confirmation)
         )
@@ -174,8 +184,8 @@ class Replay:
         if batch is not None:
             # Nothing is forwarded before the spool is open, so the pipeline holds nothing yet
             # and the reservation succeeds.
-            self._memory.try_reserve(batch.count)
-            admission.leave(True, batch.count)
+            self._memory.try_reserve(batch.count, batch.size)
+            admission.leave(True, batch.count, batch.size)
             self._in_flight = batch
         self._forwardable.set()
 
@@ -204,17 +214,17 @@ class Replay:
                 self._forwardable.clear()
                 await self._forwardable.wait()
                 continue
-            count, rows = head[3], head[5]
-            if not memory.try_reserve(count):
-                await memory.reserve(count, None)
+            count, rows, size = head[3], head[5], rows_size(head)
+            if not memory.try_reserve(count, size):
+                await memory.reserve(count, size, None)
                 if not self._forwarding:
-                    memory.release(count)
+                    memory.release(count, size)
                     return
             if rows is None:
                 await self._forward_from_disk(head)
             else:
                 queue.popleft()
-                self.admission.leave(True, count)
+                self.admission.leave(True, count, size)
                 await self._forward(head, rows)
 
     def _not_synced(self, record: Waiting) -> bool:
@@ -239,14 +249,18 @@ class Replay:
             segment, offset, end, count, _, rows, _ = record
             if rows is not None or segment != head[0] or offset != run[-1][2]:
                 break
-            if size + end - offset > READ_BACK_BYTES or self._not_synced(record) or not memory.try_reserve(count):
+            if (
+                size + end - offset > READ_BACK_BYTES
+                or self._not_synced(record)
+                or not memory.try_reserve(count, rows_size(record))
+            ):
                 break
             run.append(record)
             size += end - offset
         try:
             payloads = await asyncio.to_thread(read_back, self._directory, run)
         except BaseException:
-            memory.release(sum(record[3] for record in run))
+            memory.release(sum(record[3] for record in run), sum(rows_size(record) for record in run))
             raise
         delivered = 0
         try:
@@ -254,9 +268,10 @@ class Replay:
                 if not self._forwarding:  # the rest stays in the spool for the next start
                     break
                 self._queue.popleft()
-                self.admission.leave(False, record[3])
+                self.admission.leave(False, record[3], rows_size(record))
                 delivered += 1
                 await self._forward(record, rows)
         finally:
             if delivered < len(run):
-                memory.release(sum(left[3] for left in run[delivered:]))
+                left = run[delivered:]
+                memory.release(sum(record[3] for record in left), sum(rows_size(record) for record in left))

@@ -106,7 +106,7 @@ async def make_app(aiohttp_client: Callable[..., Awaitable[TestClient]]) -> Asyn
     ) -> App:
         pipeline = FakeBatcher()
         metrics = PipelineMetrics()
-        memory = MemoryLimit(memory_capacity)
+        memory = MemoryLimit(memory_capacity, 1 << 30)
         intake: BufferingPath
         if spool_dir is not None:
             spool = Spool(

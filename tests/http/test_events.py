@@ -233,7 +233,7 @@ async def test_empty_body_is_400(app: App, body: bytes, content_type: str) -> No
 async def test_full_memory_limit_is_503_with_retry_after_once_the_enqueue_wait_ends(make_app: MakeApp) -> None:
     short_enqueue_wait = 0.05
     app = await make_app(enqueue_wait=short_enqueue_wait)
-    assert app.memory.try_reserve(MEMORY_CAPACITY - 1)  # the Writer holds all but one event
+    assert app.memory.try_reserve(MEMORY_CAPACITY - 1, 0)  # the Writer holds all but one event
     started = asyncio.get_running_loop().time()
 
     response = await app.post(encode([event_object(0), event_object(1)]))
@@ -250,13 +250,13 @@ async def test_full_memory_limit_is_503_with_retry_after_once_the_enqueue_wait_e
 
 async def test_request_waiting_for_room_is_accepted_when_room_appears_within_the_wait(app: App) -> None:
     # The real ENQUEUE_WAIT_SECONDS (1 s): room appears long before it ends.
-    assert app.memory.try_reserve(MEMORY_CAPACITY)
+    assert app.memory.try_reserve(MEMORY_CAPACITY, 0)
     posting = asyncio.create_task(app.post(encode(event_object(3))))
     await asyncio.sleep(0.05)
     assert not posting.done()
     assert app.pipeline.deliveries == []
 
-    app.memory.release(MEMORY_CAPACITY)
+    app.memory.release(MEMORY_CAPACITY, 0)
     response = await posting
 
     assert response.status == 202

@@ -68,7 +68,7 @@ async def test_ack_clickhouse_with_a_spool_carries_the_confirmation_through_it(m
 
 async def test_with_a_spool_a_full_memory_limit_does_not_refuse_the_request(make_app: MakeApp, tmp_path: Path) -> None:
     app = await make_app(ack_mode="disk", spool_dir=tmp_path)
-    assert app.memory.try_reserve(MEMORY_CAPACITY)
+    assert app.memory.try_reserve(MEMORY_CAPACITY, 0)
 
     response = await app.post(encode(event_object(9)))
 
@@ -77,7 +77,7 @@ async def test_with_a_spool_a_full_memory_limit_does_not_refuse_the_request(make
     await asyncio.sleep(0.02)
     assert app.pipeline.deliveries == []  # waits in the spool for room
 
-    app.memory.release(MEMORY_CAPACITY)
+    app.memory.release(MEMORY_CAPACITY, 0)
     await app.pipeline.wait_for_deliveries(1)
     assert app.pipeline.submitted_types == [["type_9"]]
 

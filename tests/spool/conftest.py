@@ -34,7 +34,7 @@ async def open_spool(tmp_path: Path) -> AsyncIterator[OpenSpool]:
         memory: MemoryLimit | None = None,
     ) -> Harness:
         metrics = SpoolMetrics(Registry())
-        memory = memory or MemoryLimit(capacity_events)
+        memory = memory or MemoryLimit(capacity_events, 1 << 30)
         forwarded = MailboxRecorder()
         spool = Spool(
             directory=directory or tmp_path / "spool",

@@ -65,19 +65,19 @@ async def test_a_record_is_forwarded_only_once_it_is_fsynced(open_spool: OpenSpo
 
 async def test_forwarding_waits_while_the_memory_limit_is_full(open_spool: OpenSpool) -> None:
     harness = await open_spool(capacity_events=10)
-    assert harness.memory.try_reserve(10)  # the Writer holds everything
+    assert harness.memory.try_reserve(10, 0)  # the Writer holds everything
 
     await harness.accept(rows("a", 2), 2)
     await harness.accept(rows("b", 2), 2)
     await asyncio.sleep(0.05)
     assert harness.forwarded.deliveries == []
 
-    harness.memory.release(3)  # room for the first record only
+    harness.memory.release(3, 0)  # room for the first record only
     await harness.forwarded.wait_for(1)
     await asyncio.sleep(0.02)
     assert harness.forwarded.payloads == [rows("a", 2)]
 
-    harness.memory.release(7)
+    harness.memory.release(7, 0)
     await harness.forwarded.wait_for(2)
     assert harness.forwarded.payloads == [rows("a", 2), rows("b", 2)]
     assert harness.memory.held == 4
@@ -85,8 +85,8 @@ async def test_forwarding_waits_while_the_memory_limit_is_full(open_spool: OpenS
 
 async def test_records_beyond_the_memory_capacity_are_read_back_from_disk(open_spool: OpenSpool, spool_dir: Path) -> None:
     harness = await open_spool(capacity_events=5)
-    assert harness.memory.try_reserve(5)
-    harness.forwarded.on_delivery = lambda delivery: harness.memory.release(delivery.count)  # an instant Writer
+    assert harness.memory.try_reserve(5, 0)
+    harness.forwarded.on_delivery = lambda delivery: harness.memory.release(delivery.count, 0)  # an instant Writer
     payloads = [rows(f"mem{index}", 2) for index in range(4)]
     for payload in payloads:  # the pipeline holds MAX_BUFFER_EVENTS: none of them fits in memory
         await harness.accept(payload, 2)
@@ -94,7 +94,7 @@ async def test_records_beyond_the_memory_capacity_are_read_back_from_disk(open_s
     assert harness.forwarded.deliveries == []
 
     records = rewrite_rows_on_disk(spool_dir / segment_name(1), b"mem", b"dsk")
-    harness.memory.release(5)
+    harness.memory.release(5, 0)
 
     forwarded = await harness.forwarded.wait_for(4)
 
@@ -104,13 +104,13 @@ async def test_records_beyond_the_memory_capacity_are_read_back_from_disk(open_s
 
 async def test_read_back_never_holds_more_than_the_memory_limit_lets_in(open_spool: OpenSpool, spool_dir: Path) -> None:
     harness = await open_spool(capacity_events=4)
-    assert harness.memory.try_reserve(4)
+    assert harness.memory.try_reserve(4, 0)
     for index in range(10):
         await harness.accept(rows(f"r{index}"), 1)
     await asyncio.sleep(0.02)
     rewrite_rows_on_disk(spool_dir / segment_name(1), b"r", b"d")  # all of them wait on disk
 
-    harness.memory.release(4)  # a Writer that never confirms: room for four, then no more
+    harness.memory.release(4, 0)  # a Writer that never confirms: room for four, then no more
     await harness.forwarded.wait_for(4)
     await asyncio.sleep(0.05)
 
@@ -136,7 +136,7 @@ async def test_while_the_memory_limit_is_full_new_records_wait_on_disk_not_in_me
     # Batcher and the Writer holding all of it (a slow ClickHouse), the spool must not keep up to
     # another MAX_BUFFER_EVENTS of rows in memory waiting for their turn.
     harness = await open_spool(capacity_events=10)
-    assert harness.memory.try_reserve(10)  # the pipeline is full
+    assert harness.memory.try_reserve(10, 0)  # the pipeline is full
 
     def payload() -> bytes:  # 100 KB, a new object each time, as each request's rows are
         return b'{"x":"' + b"y" * 100_000 + b'"}\n'
@@ -151,8 +151,8 @@ async def test_while_the_memory_limit_is_full_new_records_wait_on_disk_not_in_me
         tracemalloc.stop()
 
     assert after - before < 200_000, f"{(after - before) / 1e6:.1f} MB of rows kept in memory beyond MAX_BUFFER_EVENTS"
-    harness.forwarded.on_delivery = lambda delivery: harness.memory.release(delivery.count)
-    harness.memory.release(10)
+    harness.forwarded.on_delivery = lambda delivery: harness.memory.release(delivery.count, 0)
+    harness.memory.release(10, 0)
     forwarded = await harness.forwarded.wait_for(10)  # read back from disk, in order
     assert [delivery.rows for delivery in forwarded] == [payload()] * 10
 
@@ -161,12 +161,12 @@ async def test_rows_kept_in_memory_and_events_held_by_the_pipeline_never_exceed_
     open_spool: OpenSpool, spool_dir: Path
 ) -> None:
     harness = await open_spool(capacity_events=10, run=False)
-    assert harness.memory.try_reserve(4)  # the pipeline holds 4: room for 6 more in memory
+    assert harness.memory.try_reserve(4, 0)  # the pipeline holds 4: room for 6 more in memory
     for name in ("mem0", "mem1", "mem2"):  # 3 + 3 fit, the third does not
         await harness.accept(rows(name, 3), 3, durable=False)
     await harness.accept(rows("mem3"), 1, durable=False)  # would fit, but must not pass the one on disk
     rewrite_rows_on_disk(spool_dir / segment_name(1), b"mem", b"dsk")
-    harness.forwarded.on_delivery = lambda delivery: harness.memory.release(delivery.count)
+    harness.forwarded.on_delivery = lambda delivery: harness.memory.release(delivery.count, 0)
     harness.run()
 
     forwarded = await harness.forwarded.wait_for(4)
@@ -182,11 +182,11 @@ async def test_recovery_places_records_by_the_same_rule_as_accept(open_spool: Op
         await first.accept(rows(name, count), count, durable=False)
     await first.shut()
     second = await open_spool(capacity_events=10, run=False, open_first=False)
-    assert second.memory.try_reserve(4)
+    assert second.memory.try_reserve(4, 0)
     await second.spool.open()
     rewrite_rows_on_disk(spool_dir / segment_name(1), b"mem", b"dsk")
-    second.forwarded.on_delivery = lambda delivery: second.memory.release(delivery.count)
-    second.memory.release(4)
+    second.forwarded.on_delivery = lambda delivery: second.memory.release(delivery.count, 0)
+    second.memory.release(4, 0)
     second.run()
 
     forwarded = await second.forwarded.wait_for(4)
@@ -338,7 +338,7 @@ async def test_recovery_holds_at_most_the_memory_capacity_of_rows_not_the_whole_
     assert second.spool.unconfirmed_events == 4000
     assert peak < 6 << 20, f"opening a 16 MiB spool allocated {peak / 2**20:.1f} MiB"
     # Every record still replays, in order: the first ten from memory, the rest read back.
-    second.forwarded.on_delivery = lambda delivery: second.memory.release(delivery.count)
+    second.forwarded.on_delivery = lambda delivery: second.memory.release(delivery.count, 0)
     second.run()
     forwarded = await second.forwarded.wait_for(4000, timeout=10.0)
     assert all(delivery.rows == payload for delivery in forwarded)
@@ -414,7 +414,7 @@ async def test_a_spool_directory_in_the_earlier_format_replays_completely(open_s
     )
 
     harness = await open_spool(capacity_events=100, run=False)
-    harness.forwarded.on_delivery = lambda delivery: harness.memory.release(delivery.count)
+    harness.forwarded.on_delivery = lambda delivery: harness.memory.release(delivery.count, 0)
     harness.run()
 
     expected = [rows("s4-2", 3), rows("s4-3", 4), rows("s4-4", 5)] + [rows(f"s5-{index}", 2) for index in range(3)]

@@ -37,7 +37,7 @@ def quick_reopen(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_a_spool_is_a_buffering_path(tmp_path: Path) -> None:
-    spool = Spool(directory=tmp_path, max_bytes=1, segment_bytes=1, memory=MemoryLimit(1),
+    spool = Spool(directory=tmp_path, max_bytes=1, segment_bytes=1, memory=MemoryLimit(1, 1 << 30),
                   deliver=MailboxRecorder(), metrics=SpoolMetrics(Registry()))
     path: BufferingPath = spool  # checked by mypy; at run time, what the supervisor relies on
     assert (path.keeps_unwritten, path.takes_durable) == (True, True)
@@ -113,7 +113,7 @@ async def test_a_durable_accept_waiting_for_its_fsync_gets_pipeline_down_when_ru
 
 async def test_confirmations_of_records_not_yet_forwarded_get_pipeline_down_when_run_ends(open_spool: OpenSpool) -> None:
     harness = await open_spool(capacity_events=1)
-    assert harness.memory.try_reserve(1)  # the pipeline is full: nothing is forwarded
+    assert harness.memory.try_reserve(1, 0)  # the pipeline is full: nothing is forwarded
     confirmation: asyncio.Future[int] = asyncio.get_running_loop().create_future()
     await harness.spool.accept(rows("a"), 1, now(), durable=True, confirmation=confirmation)
 
@@ -197,14 +197,14 @@ async def test_spool_opened_late_still_keeps_at_most_the_memory_capacity_of_rows
     await eventually(lambda: second.spool.not_ready_reason() is None)
     await second.accept(rows("mem0"))
     await second.forwarded.wait_for(2)
-    second.forwarded.on_delivery = lambda delivery: second.memory.release(delivery.count)  # an instant Writer
-    assert second.memory.try_reserve(10 - second.memory.held)  # full from now on
+    second.forwarded.on_delivery = lambda delivery: second.memory.release(delivery.count, 0)  # an instant Writer
+    assert second.memory.try_reserve(10 - second.memory.held, 0)  # full from now on
 
     for name in ("mem1", "mem2", "mem3"):  # the memory capacity is used up: none of them fits
         await second.accept(rows(name, 5 if name != "mem3" else 3), 5 if name != "mem3" else 3)
     await asyncio.sleep(0.02)
     rewrite_rows_on_disk(spool_dir / segment_name(2), b"mem", b"dsk")
-    second.memory.release(10)
+    second.memory.release(10, 0)
 
     await second.forwarded.wait_for(5)
     assert second.forwarded.payloads[2:] == [rows("dsk1", 5), rows("dsk2", 5), rows("dsk3", 3)]
@@ -223,12 +223,12 @@ async def test_the_batch_in_flight_reaches_the_writer_whole_with_exactly_its_row
     await first.shut()
     moved = await move_away_and_break(spool_dir, tmp_path)
 
-    memory = MemoryLimit(100)
+    memory = MemoryLimit(100, 1 << 30)
     handed: list[Batch] = []
 
     async def hand_to_writer(batch: Batch) -> None:  # an instant Writer
         handed.append(batch)
-        memory.release(batch.count)
+        memory.release(batch.count, 0)
 
     batcher = Batcher(batch_size=100, flush_interval=0.05, hand_to_writer=hand_to_writer,
                       metrics=BatcherMetrics(Registry()))
