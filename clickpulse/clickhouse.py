@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Protocol
 
 import aiohttp
-from aiochclient import ChClient
+from aiochclient import ChClient, ChClientError
 
 from clickpulse.config import ClickHouseTarget
 from clickpulse.schema import insert_query
@@ -83,7 +83,12 @@ class ClickHouseConnection(Protocol):
 
     async def execute(self, sql: str, settings: Mapping[str, object]) -> None: ...
 
-    async def insert(self, database: str, table: str, body: bytes, deduplication_token: str | None) -> None: ...
+    async def insert(
+        self, database: str, table: str, body: bytes, deduplication_token: str | None, query_id: str | None = None
+    ) -> None:
+        """`query_id` names the attempt on the server, so that a later look at system.processes
+        can tell whether it still runs; the embedded store has no use for it."""
+        ...
 
     async def query_text(self, sql: str, database: str) -> str: ...
 
@@ -96,9 +101,11 @@ class HttpClickHouse:
     def __init__(self, target: ClickHouseTarget, session: aiohttp.ClientSession) -> None:
         self._target = target
         self._session = session
-        self.description = f"ClickHouse at {target.redacted}"
+        self.description = f"ClickHouse at {target.location}"
         self._client = self._new_client()
-        self._insert_client = self._new_client(**INSERT_SETTINGS)
+        self._headers = {"X-ClickHouse-User": target.user or "default"}
+        if target.password:
+            self._headers["X-ClickHouse-Key"] = target.password
 
     def _new_client(self, **settings: object) -> ChClient:
         return ChClient(
@@ -117,16 +124,23 @@ class HttpClickHouse:
         client = self._new_client(**settings) if settings else self._client
         await client.execute(sql)
 
-    async def insert(self, database: str, table: str, body: bytes, deduplication_token: str | None) -> None:
-        settings = {"insert_deduplication_token": deduplication_token} if deduplication_token else {}
-        await self._insert_client.insert_file(insert_query(database, table, settings), body)
+    async def insert(
+        self, database: str, table: str, body: bytes, deduplication_token: str | None, query_id: str | None = None
+    ) -> None:
+        # Sent by hand rather than with aiochclient's insert_file, which cannot name the query.
+        params = {**INSERT_SETTINGS, "query": insert_query(database, table)}
+        if deduplication_token:
+            params["insert_deduplication_token"] = deduplication_token
+        if query_id:
+            params["query_id"] = query_id
+        async with self._session.post(self._target.url, params=params, headers=self._headers, data=body) as response:
+            if response.status != 200:
+                text = (await response.read()).decode(errors="replace").strip()
+                raise ChClientError(text or f"HTTP {response.status} with an empty body")
 
     async def query_text(self, sql: str, database: str) -> str:
         params = {"query": sql, "database": database, "default_format": "PrettyCompactMonoBlock"}
-        headers = {"X-ClickHouse-User": self._target.user or "default"}
-        if self._target.password:
-            headers["X-ClickHouse-Key"] = self._target.password
-        async with self._session.post(self._target.url, params=params, headers=headers) as response:
+        async with self._session.post(self._target.url, params=params, headers=self._headers) as response:
             text = await response.text()
             if response.status != 200:
                 raise RuntimeError(text.strip())
@@ -165,7 +179,9 @@ class EmbeddedClickHouse:
     async def execute(self, sql: str, settings: Mapping[str, object]) -> None:
         await self._run(sql)  # chDB is always a current ClickHouse: no compatibility settings needed
 
-    async def insert(self, database: str, table: str, body: bytes, deduplication_token: str | None) -> None:
+    async def insert(
+        self, database: str, table: str, body: bytes, deduplication_token: str | None, query_id: str | None = None
+    ) -> None:
         settings = dict(INSERT_SETTINGS)
         if deduplication_token:
             settings["insert_deduplication_token"] = deduplication_token

@@ -33,6 +33,11 @@ class ClickHouseTarget(msgspec.Struct, frozen=True):
     password: str | None = None
 
     @property
+    def location(self) -> str:
+        """Where, without who: for logs, /readyz and errors."""
+        return f"{self.url.rstrip('/')}/{self.database}"
+
+    @property
     def redacted(self) -> str:
         user = f"{quote(self.user, safe='')}:***@" if self.user else ""
         scheme, _, hostport = self.url.rstrip("/").partition("://")

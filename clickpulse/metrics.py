@@ -27,7 +27,7 @@ from clickpulse.process_metrics import ProcessMetrics
 # The label value sets.
 RejectReason = Literal["invalid", "too_large", "unsupported_type", "overloaded", "shutting_down"]
 FlushCause = Literal["size", "interval", "shutdown"]  # what made the Batcher flush
-ErrorKind = Literal["connection", "timeout", "server", "rejected", "schema"]
+ErrorKind = Literal["connection", "timeout", "server", "rejected", "limit", "auth", "schema"]
 InsertResult = Literal["ok", "error"]
 DropReason = Literal["rejected", "shutdown"]
 QuarantineDestination = Literal["table", "file", "log"]
@@ -159,7 +159,7 @@ class WriterMetrics:
     def __init__(self, registry: Registry) -> None:
         self.insert_errors = zero_each(Counter(
             "clickhouse_insert_errors_total",
-            "Failed ClickHouse requests by kind (connection, timeout, server, rejected, schema).",
+            "Failed ClickHouse requests by kind (connection, timeout, server, rejected, limit, auth, schema).",
             registry=registry,
         ), "kind", ERROR_KINDS)
         self.rows_written = unlabelled_counter("clickhouse_rows_written_total", "Rows ClickHouse confirmed.", registry)

@@ -124,7 +124,9 @@ class Writer:
             except Exception as error:  # noqa: BLE001 - every failure here is retried
                 failure = self.readiness.record_failure(error)
                 delay = backoff_seconds(attempt)
-                log.warning("ClickHouse not ready (%s); retrying in %.1fs", failure.detail, delay)
+                (log.error if failure.kind == "auth" else log.warning)(
+                    "ClickHouse not ready (%s); retrying in %.1fs", failure.detail, delay
+                )
                 attempt += 1
                 await self._sleep_unless_stopped(delay)
 
@@ -145,7 +147,9 @@ class Writer:
             await self._ledger.before_insert(batch)
         except OSError as error:  # the insert still goes ahead; a crash now may replay it differently
             log.warning("spool: cannot record the batch before inserting it: %s", error)
-        rejected = await self._splitter.insert_or_split(body, batch.count)
+        # The batch in flight at a crash may have been stored before it: on servers without
+        # deduplication tokens the Inserter asks which rows landed first.
+        rejected = await self._splitter.insert_or_split(body, batch.count, maybe_landed=batch.trigger == "replay")
         where = self._quarantine.describe(await self._quarantine.keep(rejected)) if rejected else ""
         self._metrics.end_to_end_latency.observe({}, asyncio.get_running_loop().time() - batch.oldest_received_at)
         await self._ledger.after_insert(batch)

@@ -1,6 +1,6 @@
 """Bisection and quarantine: what happens to a batch ClickHouse rejects as data.
 
-The batch is split in halves until the rows ClickHouse cannot take are found; the others are
+The batch is cut until exactly the rows ClickHouse cannot take are found; the others are
 inserted, and each rejected row goes with its error to a quarantine: the `<table>_quarantine`
 table, else `quarantine.ndjson` in the spool directory, else the error log.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -25,9 +26,9 @@ from clickpulse.writer.insert import Inserter
 
 log = logging.getLogger("clickpulse.writer")
 
-# Past this many rejected rows in one batch, a failing half is quarantined whole instead of split
-# further: a batch whose every row fails (a changed column type) costs dozens of inserts, not 2n.
-SPLIT_ROW_LIMIT = 64
+# A failing part this small, whose error names no row, is inserted row by row.
+SMALL_GROUP = 4
+_AT_ROW = re.compile(r"\(at row (\d+)\)")
 QUARANTINE_ATTEMPTS = 3
 QUARANTINE_FILE = "quarantine.ndjson"
 
@@ -46,29 +47,59 @@ class QuarantineRow(msgspec.Struct):
 
 
 class Splitter:
-    def __init__(self, inserter: Inserter, split_row_limit: int = SPLIT_ROW_LIMIT) -> None:
+    """Finds exactly the rows ClickHouse will not take: every other row is inserted.
+
+    A failing part is cut where ClickHouse says the error is ("(at row N)", which its row
+    formats report for a row they cannot parse): the rows before it, the row alone, the rows
+    after it. Without a row number it is cut in halves, and parts of SMALL_GROUP rows or fewer
+    are inserted row by row. A row is quarantined only once it failed alone, so no insertable row
+    is ever quarantined. Cost: for r rejected rows among n, about 2r inserts when ClickHouse
+    names the rows, about r·log2(n) when it does not."""
+
+    def __init__(self, inserter: Inserter, small_group: int = SMALL_GROUP) -> None:
         self._inserter = inserter
-        self._split_row_limit = split_row_limit
+        self._small_group = small_group
 
-    async def insert_or_split(self, body: bytes, count: int) -> list[RejectedRow]:
-        """Inserts `body` (`count` JSONEachRow lines); on a data rejection, bisects it. Returns
-        the rows ClickHouse would not take; every other row is in ClickHouse."""
-        return await self._insert_part(body, count, 0, [0])
+    async def insert_or_split(self, body: bytes, count: int, *, maybe_landed: bool = False) -> list[RejectedRow]:
+        """Inserts `body` (`count` JSONEachRow lines). Returns the rows ClickHouse would not
+        take, by index in `body`; every other row is in ClickHouse. `maybe_landed`: an earlier
+        attempt, before a crash, may have been stored."""
+        rejected: list[RejectedRow] = []
+        await self._insert_part(body, count, list(range(count)), rejected, maybe_landed)
+        rejected.sort(key=lambda entry: entry.index)
+        return rejected
 
-    async def _insert_part(self, body: bytes, count: int, first_row: int, rejected_so_far: list[int]) -> list[RejectedRow]:
-        failure = await self._inserter.insert(body, count)
+    async def _insert_part(
+        self, body: bytes, count: int, indices: list[int], rejected: list[RejectedRow], maybe_landed: bool = False
+    ) -> None:
+        attempted = await self._inserter.insert(body, count, maybe_landed=maybe_landed)
+        failure = attempted.failure
         if failure is None:
-            return []
-        lines = body.split(b"\n")[:count]
-        if count == 1 or rejected_so_far[0] >= self._split_row_limit:
-            rejected_so_far[0] += count
-            return [RejectedRow(first_row + index, line, failure.detail) for index, line in enumerate(lines)]
-        half = count // 2
-        left = await self._insert_part(b"\n".join(lines[:half]) + b"\n", half, first_row, rejected_so_far)
-        right = await self._insert_part(
-            b"\n".join(lines[half:]) + b"\n", count - half, first_row + half, rejected_so_far
-        )
-        return left + right
+            return
+        if attempted.positions is not None:  # some rows had landed: the rest is what failed
+            indices = [indices[position] for position in attempted.positions]
+        lines = attempted.body.split(b"\n")[: attempted.count]
+        if len(lines) == 1:
+            rejected.append(RejectedRow(indices[0], lines[0], failure.detail))
+            return
+        row = failing_row(failure.detail)
+        if row is not None and row <= len(lines):
+            cuts = [(0, row - 1), (row - 1, row), (row, len(lines))]
+        elif len(lines) <= self._small_group:
+            cuts = [(index, index + 1) for index in range(len(lines))]
+        else:
+            half = len(lines) // 2
+            cuts = [(0, half), (half, len(lines))]
+        for start, end in cuts:
+            if start < end:
+                part = b"".join(line + b"\n" for line in lines[start:end])
+                await self._insert_part(part, end - start, indices[start:end], rejected)
+
+
+def failing_row(detail: str) -> int | None:
+    """The 1-based row ClickHouse names in a parse error, if it names one."""
+    match = _AT_ROW.search(detail)
+    return int(match.group(1)) if match and int(match.group(1)) >= 1 else None
 
 
 class Quarantine:

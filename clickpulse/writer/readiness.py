@@ -51,6 +51,7 @@ class Readiness:
         self._schema_ready = False
         self._last_ok_at: float | None = None
         self._last_error = "not connected yet"
+        self._refused = False  # the last answer refused the credentials or grants: not ready at once
 
     @property
     def schema_ready(self) -> bool:
@@ -113,17 +114,21 @@ class Readiness:
         self._metrics.insert_errors.inc({"kind": failure.kind})
         self._metrics.up.set({}, 0)
         self._last_error = f"{failure.kind}: {failure.detail}"
+        self._refused = failure.kind == "auth"
         if failure.kind == "schema":
             self._schema_ready = False  # dropped under us: created again before the next insert
         return failure
 
     def record_success(self) -> None:
         self._last_ok_at = self._now()
+        self._refused = False
         self._metrics.up.set({}, 1)
 
     def not_ready_reason(self) -> str | None:
         """None when ClickHouse answered within the grace time and the schema exists."""
         where = self._connection.description
+        if self._refused:
+            return f"clickhouse refused the credentials ({where}): {self._last_error}; fix CLICKHOUSE_DSN"
         if not self._schema_ready or self._last_ok_at is None:
             return f"clickhouse not reachable ({where}): {self._last_error}"
         age = self._now() - self._last_ok_at

@@ -29,6 +29,7 @@ class FakeClickHouse:
     quarantine_fails: bool = False
     down: bool = False  # every request fails as a refused connection
     version: str = "24.8.1.1"
+    names_rows: bool = False  # parse errors say "(at row N)", as ClickHouse's do
     inserts: list[tuple[str | None, bytes]] = field(default_factory=list)
     quarantined: list[bytes] = field(default_factory=list)
     statements: list[str] = field(default_factory=list)
@@ -50,7 +51,9 @@ class FakeClickHouse:
     async def close(self) -> None:
         pass
 
-    async def insert(self, database: str, table: str, body: bytes, deduplication_token: str | None) -> None:
+    async def insert(
+        self, database: str, table: str, body: bytes, deduplication_token: str | None, query_id: str | None = None
+    ) -> None:
         if self.down:
             raise aiohttp.ClientOSError(111, "Connection refused")
         if table.endswith("_quarantine"):
@@ -62,6 +65,9 @@ class FakeClickHouse:
             self.transient_failures -= 1
             raise aiohttp.ClientOSError(104, "Connection reset by peer")
         if b'"bad"' in body:
+            if self.names_rows:
+                row = body.split(b"\n").index(next(line for line in body.split(b"\n") if b'"bad"' in line)) + 1
+                raise ChClientError(f"{REJECTION}: (at row {row})")
             raise ChClientError(REJECTION)
         self.inserts.append((deduplication_token, body))
 
@@ -111,7 +117,7 @@ def writer_parts(
     clickhouse: FakeClickHouse | None = None,
     *,
     quarantine_directory: Path | None = None,
-    split_row_limit: int = 64,
+    small_group: int = 4,
     clock: list[float] | None = None,
 ) -> WriterParts:
     clickhouse = clickhouse or FakeClickHouse()
@@ -130,7 +136,7 @@ def writer_parts(
         directory=quarantine_directory, metrics=metrics, pause=no_pause,
     )
     return WriterParts(
-        clickhouse, metrics, readiness, inserter, Splitter(inserter, split_row_limit), quarantine, RecordingLedger()
+        clickhouse, metrics, readiness, inserter, Splitter(inserter, small_group), quarantine, RecordingLedger()
     )
 
 

@@ -216,3 +216,55 @@ def test_token_is_plain_hex_safe_inside_a_quoted_setting() -> None:
 
     assert len(token) == 32
     assert set(token) <= set("0123456789abcdef")
+
+
+# -- the classification table: what is deterministic for a batch is never retried for ever ----
+
+
+def test_too_many_partitions_for_one_insert_block_is_a_limit_of_the_batch_not_retried() -> None:
+    failure = classify_error(ChClientError(
+        "Code: 252. DB::Exception: Too many partitions for single INSERT block (more than 100). "
+        "The limit is controlled by 'max_partitions_per_insert_block' setting."
+    ))
+    assert (failure.kind, failure.retryable) == ("limit", False)
+
+
+def test_the_embedded_stores_partition_limit_error_is_the_same_class() -> None:
+    failure = classify_error(RuntimeError("Code: 252. DB::Exception: Too many partitions for single INSERT block (more than 100)."))
+    assert (failure.kind, failure.retryable) == ("limit", False)
+
+
+@pytest.mark.parametrize("code", [158, 307, 396])
+def test_row_and_byte_limits_of_a_query_are_limits_of_the_batch(code: int) -> None:
+    failure = classify_error(ChClientError(f"Code: {code}. DB::Exception: Limit for rows or bytes exceeded"))
+    assert (failure.kind, failure.retryable) == ("limit", False)
+
+
+def test_a_memory_limit_is_retried_a_few_times_then_treated_as_a_limit_of_the_batch() -> None:
+    failure = classify_error(ChClientError("Code: 241. DB::Exception: Memory limit (for query) exceeded"))
+    assert (failure.kind, failure.retryable) == ("limit", True)
+    assert failure.retry_limit is not None and failure.retry_limit > 0
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Code: 193, e.displayText() = DB::Exception: Wrong password for user app",
+        "Code: 516. DB::Exception: app: Authentication failed: password is incorrect, or there is no user with such name.",
+        "Code: 192. DB::Exception: Unknown user app",
+        "Code: 497. DB::Exception: app: Not enough privileges. To execute this query, it's necessary to have the grant INSERT",
+        "Code: 164. DB::Exception: app: Cannot execute query in readonly mode",
+    ],
+)
+def test_refused_credentials_and_grants_are_configuration_errors_that_never_name_the_user(text: str) -> None:
+    failure = classify_error(ChClientError(text))
+    assert failure.kind == "auth" and failure.retryable
+    assert "CLICKHOUSE_DSN" in failure.detail
+    assert "app" not in failure.detail
+
+
+def test_a_time_out_and_a_reset_may_have_reached_the_server_a_refused_connection_not() -> None:
+    assert classify_error(TimeoutError()).ambiguous
+    assert classify_error(aiohttp.ServerDisconnectedError()).ambiguous
+    refused = aiohttp.ClientConnectorError(connection_key(), OSError(111, "Connection refused"))
+    assert not classify_error(refused).ambiguous

@@ -34,14 +34,29 @@ async def test_a_clean_body_is_one_insert_and_nothing_rejected() -> None:
     assert len(parts.clickhouse.inserts) == 1
 
 
-async def test_past_the_split_row_limit_a_failing_half_is_rejected_whole() -> None:
-    parts = writer_parts(split_row_limit=1)
-    names = ["bad", "bad", "good0", "good1"]
+@pytest.mark.parametrize("names_rows", [False, True], ids=["bisected", "cut-at-the-named-row"])
+async def test_every_insertable_row_is_inserted_and_every_bad_row_rejected_exactly(names_rows: bool) -> None:
+    # Half good, half bad, interleaved: a batch after a schema change that some rows still fit.
+    parts = writer_parts(FakeClickHouse(names_rows=names_rows))
+    names = [("bad" if index % 2 else f"good{index}") for index in range(400)]
+
+    rejected = await parts.splitter.insert_or_split(b"".join(row(name) for name in names), len(names))
+
+    assert [entry.index for entry in rejected] == list(range(1, 400, 2))
+    assert sorted(parts.clickhouse.inserted_rows) == sorted(row(f"good{index}").strip() for index in range(0, 400, 2))
+
+
+async def test_a_named_row_is_rejected_only_once_it_failed_alone() -> None:
+    # The row ClickHouse names is tried on its own before it is quarantined.
+    parts = writer_parts(FakeClickHouse(names_rows=True))
+    names = ["good0", "good1", "bad", "good2"]
 
     rejected = await parts.splitter.insert_or_split(b"".join(row(name) for name in names), 4)
 
-    assert [entry.index for entry in rejected] == [0, 1]
-    assert sorted(parts.clickhouse.inserted_rows) == [row("good0").strip(), row("good1").strip()]
+    assert [entry.index for entry in rejected] == [2]
+    inserted_alone = [body for _, body in parts.clickhouse.inserts]
+    assert b"".join(row(name) for name in ("good0", "good1")) in inserted_alone
+    assert row("good2") in inserted_alone
 
 
 def rejected_rows(*names: str) -> list[RejectedRow]:
