@@ -90,7 +90,10 @@ class ClickHouseConnection(Protocol):
         can tell whether it still runs; the embedded store has no use for it."""
         ...
 
-    async def query_text(self, sql: str, database: str) -> str: ...
+    async def query_text(self, sql: str, database: str, time_limit: float | None = None) -> str:
+        """A statement's result as a table of text; `time_limit` is ClickHouse's own
+        max_execution_time, so the server stops a query the caller no longer waits for."""
+        ...
 
     async def close(self) -> None: ...
 
@@ -138,8 +141,10 @@ class HttpClickHouse:
                 text = (await response.read()).decode(errors="replace").strip()
                 raise ChClientError(text or f"HTTP {response.status} with an empty body")
 
-    async def query_text(self, sql: str, database: str) -> str:
+    async def query_text(self, sql: str, database: str, time_limit: float | None = None) -> str:
         params = {"query": sql, "database": database, "default_format": "PrettyCompactMonoBlock"}
+        if time_limit is not None:
+            params["max_execution_time"] = str(max(1, round(time_limit)))
         async with self._session.post(self._target.url, params=params, headers=self._headers) as response:
             text = await response.text()
             if response.status != 200:
@@ -167,6 +172,11 @@ class EmbeddedClickHouse:
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="chdb")
         self.path.mkdir(parents=True, exist_ok=True)
         self._session = chdb_session.Session(str(self.path))
+        # chDB runs one statement at a time: inserts go first. A query starts only while no insert
+        # waits, and its max_execution_time bounds how long an insert may wait behind it.
+        self._inserts_waiting = 0
+        self._no_insert_waiting = asyncio.Event()
+        self._no_insert_waiting.set()
 
     async def _run(self, sql: str, output_format: str = "TabSeparated") -> str:
         loop = asyncio.get_running_loop()
@@ -185,11 +195,31 @@ class EmbeddedClickHouse:
         settings = dict(INSERT_SETTINGS)
         if deduplication_token:
             settings["insert_deduplication_token"] = deduplication_token
-        await self._run(f"{insert_query(database, table, settings)}\n{body.decode()}")
+        self._inserts_waiting += 1
+        self._no_insert_waiting.clear()
+        try:
+            await self._run(f"{insert_query(database, table, settings)}\n{body.decode()}")
+        finally:
+            self._inserts_waiting -= 1
+            if not self._inserts_waiting:
+                self._no_insert_waiting.set()
 
-    async def query_text(self, sql: str, database: str) -> str:
+    async def query_text(self, sql: str, database: str, time_limit: float | None = None) -> str:
         # The embedded store keeps its tables in its current database, `default`.
-        return await self._run(sql, "PrettyCompactMonoBlock")
+        while self._inserts_waiting:
+            await self._no_insert_waiting.wait()
+        seconds = max(1, round(time_limit)) if time_limit is not None else 0
+        loop = asyncio.get_running_loop()
+        result = await loop.run_in_executor(self._executor, self._query_with_limit, sql, seconds)
+        return str(result)
+
+    def _query_with_limit(self, sql: str, seconds: int) -> object:
+        """Blocking, on the chDB thread: the limit holds for this statement only."""
+        self._session.query(f"SET max_execution_time = {seconds}")
+        try:
+            return self._session.query(sql, "PrettyCompactMonoBlock")
+        finally:
+            self._session.query("SET max_execution_time = 0")
 
     async def close(self) -> None:
         loop = asyncio.get_running_loop()

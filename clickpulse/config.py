@@ -57,6 +57,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     clickhouse_table: str = "events"
     clickhouse_create_table: bool = True
     clickhouse_timeout: float = 30.0
+    query_timeout: float = 10.0
     batch_size: int = 10_000
     flush_interval: float = 1.0
     max_body_bytes: int = 1024 * 1024
@@ -243,6 +244,8 @@ SETTINGS: tuple[Setting, ...] = (
         "create the database and table if absent (false: only check that the table exists)",
     ),
     Setting("CLICKHOUSE_TIMEOUT", "clickhouse_timeout", _positive_duration, "time limit of one ClickHouse request"),
+    Setting("QUERY_TIMEOUT", "query_timeout", _positive_duration,
+            "time limit of one statement of POST /query or the query command (ClickHouse's max_execution_time)"),
     Setting("BATCH_SIZE", "batch_size", _positive_int, "flush when this many events are buffered"),
     Setting("FLUSH_INTERVAL", "flush_interval", _positive_duration, "flush when the oldest buffered event is this old"),
     Setting("MAX_BODY_BYTES", "max_body_bytes", _positive_int, "largest request body (413 above)"),

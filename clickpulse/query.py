@@ -25,13 +25,13 @@ async def run_query(config: Config, sql: str) -> str:
     target = config.clickhouse
     if target is not None:
         async with aiohttp.ClientSession() as session:
-            return await _ask(lambda: HttpClickHouse(target, session).query_text(sql, target.database))
+            return await _ask(lambda: HttpClickHouse(target, session).query_text(sql, target.database, config.query_timeout))
     try:
         embedded = EmbeddedClickHouse(config.data_dir)
     except DataDirInUse:
         return await _ask_running_service(config, sql)
     try:
-        return await _ask(lambda: embedded.query_text(sql, "default"))
+        return await _ask(lambda: embedded.query_text(sql, "default", config.query_timeout))
     finally:
         await embedded.close()
 

@@ -151,11 +151,12 @@ def build_pipeline(config: Config, metrics: PipelineMetrics) -> Pipeline:
     query = None
     if embedded is not None:
         # Through the same connection as the Writer's inserts: the embedded store admits one user.
-        store, timeout = embedded, config.clickhouse_timeout
+        store, time_limit = embedded, config.query_timeout
 
         async def query(sql: str) -> str:
-            async with asyncio.timeout(timeout):
-                return await store.query_text(sql, "default")
+            # The server-side limit ends the statement; this one, a little later, the wait for it.
+            async with asyncio.timeout(time_limit + 5):
+                return await store.query_text(sql, "default", time_limit)
 
     pipeline: Pipeline
     http = HttpApp(

@@ -210,6 +210,7 @@ BAD_VALUES = {
     "DATA_DIR": "   ",
     "SPOOL_MAX_BYTES": "10XB",
     "MAX_BUFFER_BYTES": "0",
+    "QUERY_TIMEOUT": "0s",
     "ACK_MODE": "eventually",
     "ACK_TIMEOUT": "0",
     "CLICKHOUSE_DOWN_GRACE": "soon",

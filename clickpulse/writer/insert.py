@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -66,7 +67,7 @@ class Inserter:
         metrics = self._metrics
         attempt = 0
         positions: list[int] | None = None
-        check_landed, previous_query_id = maybe_landed, None
+        check_landed, unanswered = maybe_landed, list[str]()
         while True:
             started = loop.time()
             query_id = None
@@ -76,7 +77,7 @@ class Inserter:
                     capabilities = await self._readiness.ensure_schema()
                 token = deduplication_token(body) if capabilities.deduplicates_inserts else None
                 if check_landed and token is None:
-                    remaining = await self._landed.remaining(body, count, previous_query_id)
+                    remaining = await self._landed.remaining(body, count, unanswered)
                     check_landed = False
                     if remaining.count < count:
                         log.warning(
@@ -88,7 +89,7 @@ class Inserter:
                     if not count:
                         self._readiness.record_success()
                         return Attempted(None, body, count, positions)
-                query_id = f"clickpulse-{deduplication_token(body)}-{attempt}"
+                query_id = f"clickpulse-{uuid.uuid4().hex}"  # names this attempt in system.processes
                 async with asyncio.timeout(self._timeout):
                     await self._connection.insert(self._database, self._table, body, token, query_id)
             except Exception as error:  # noqa: BLE001 - classified below, never lost silently
@@ -96,7 +97,8 @@ class Inserter:
                 metrics.inserts.inc({"result": "error"})
                 failure = self._readiness.record_failure(error)
                 if failure.ambiguous and query_id is not None:
-                    check_landed, previous_query_id = True, query_id
+                    check_landed = True
+                    unanswered.append(query_id)
                 if not failure.retryable or (failure.retry_limit is not None and attempt >= failure.retry_limit):
                     log.warning("ClickHouse refused %d rows (%s): %s", count, failure.kind, failure.detail)
                     return Attempted(failure, body, count, positions)

@@ -28,6 +28,10 @@ from clickpulse.schema import quote_identifier, quote_string
 # Ids per lookup query: 36 characters and quotes each, well under max_query_size (256 KiB).
 IDS_PER_QUERY = 2000
 RUNNING_POLL_SECONDS = 0.2
+# A server that resumes after a stall takes the connections queued meanwhile in order, so an old
+# attempt may start a moment after the server first answers again: "not running" must hold twice,
+# this far apart, before the table is asked.
+SETTLE_SECONDS = 0.5
 
 
 class RowKey(msgspec.Struct, gc=False):
@@ -62,11 +66,12 @@ class LandedCheck:
         self._timeout = timeout
         self._pause = pause
 
-    async def remaining(self, body: bytes, count: int, previous_query_id: str | None) -> Remaining:
-        """The rows of `body` that the table does not hold. Raises what ClickHouse raises (the
-        caller retries the whole check, as it would the insert)."""
-        if previous_query_id is not None:
-            await self._wait_until_finished(previous_query_id)
+    async def remaining(self, body: bytes, count: int, previous_query_ids: list[str]) -> Remaining:
+        """The rows of `body` that the table does not hold, once none of the earlier attempts
+        runs any more. Raises what ClickHouse raises (the caller retries the whole check, as it
+        would the insert)."""
+        if previous_query_ids:
+            await self._wait_until_finished(previous_query_ids)
         lines = body.split(b"\n")[:count]
         keys = [_decode_key(line) for line in lines]
         present = await self._present_ids(keys)
@@ -75,14 +80,16 @@ class LandedCheck:
         indices = [index for index, key in enumerate(keys) if key.event_id not in present]
         return Remaining(b"".join(lines[index] + b"\n" for index in indices), len(indices), indices)
 
-    async def _wait_until_finished(self, query_id: str) -> None:
-        sql = f"SELECT count() FROM system.processes WHERE query_id = {quote_string(query_id)}"
-        while True:
+    async def _wait_until_finished(self, query_ids: list[str]) -> None:
+        listed = ", ".join(quote_string(query_id) for query_id in query_ids)
+        sql = f"SELECT count() FROM system.processes WHERE query_id IN ({listed})"
+        quiet = 0
+        while quiet < 2:
             async with asyncio.timeout(self._timeout):
                 running = int(await self._connection.query_value(sql))
-            if not running:
-                return
-            await self._pause(RUNNING_POLL_SECONDS)
+            quiet = 0 if running else quiet + 1
+            if quiet < 2:
+                await self._pause(SETTLE_SECONDS if quiet else RUNNING_POLL_SECONDS)
 
     async def _present_ids(self, keys: list[RowKey]) -> set[str]:
         seconds = [int(datetime.fromisoformat(key.created_at).timestamp()) for key in keys]
