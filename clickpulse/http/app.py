@@ -78,7 +78,10 @@ class HttpApp:
         assert self._query is not None
         if request.remote not in LOOPBACK_ADDRESSES:
             return json_response(403, {"error": "queries are answered only from this machine"})
-        sql = (await request.text()).strip()
+        try:
+            sql = (await request.read()).decode(request.charset or "utf-8").strip()
+        except (UnicodeDecodeError, LookupError) as error:
+            return json_response(400, {"error": f"the query body is not text in {request.charset or 'utf-8'}: {error}"})
         first_word = sql.split(None, 1)[0].upper() if sql else ""
         if first_word not in READ_ONLY_STATEMENTS:
             return json_response(400, {

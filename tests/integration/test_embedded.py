@@ -3,6 +3,7 @@ in a temp DATA_DIR, read back with `python -m clickpulse query` while running an
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
@@ -140,3 +141,65 @@ def test_without_a_dsn_and_without_chdb_it_exits_2_with_one_line(python_env: dic
         "clickpulse: CLICKHOUSE_DSN is unset and the embedded store needs chdb: pip install 'clickpulse[embedded]', "
         "or set CLICKHOUSE_DSN to a ClickHouse server"
     ]
+
+
+async def test_events_spread_over_many_months_land_instead_of_stalling_the_pipeline(
+    start_service, python_env: dict[str, str], tmp_path: Path
+) -> None:
+    # One partition per month: 150 months in one request exceed chDB's (and modern ClickHouse's)
+    # max_partitions_per_insert_block of 100. Devices with bad clocks send such requests.
+    data_dir = tmp_path / "data"
+    service = start_service(DATA_DIR=str(data_dir), FLUSH_INTERVAL="100ms")
+    months = [f"{2000 + index // 12}-{index % 12 + 1:02d}-15T12:00:00Z" for index in range(150)]
+    async with aiohttp.ClientSession() as http:
+        await eventually(lambda: service.is_ready(http), timeout=60)
+        events = [make_event(index, created_at=month, event_type="old_clock") for index, month in enumerate(months)]
+        async with http.post(service.url + "/events?wait=true", json=events) as response:
+            assert (response.status, await response.json()) == (200, {"status": "written", "written": 150})
+        # And what comes after is not stuck behind it.
+        assert await post(http, service, [make_event(1, event_type="after")], "?wait=true") == 200
+        async with http.get(service.url + "/metrics") as response:
+            samples = metric_samples(await response.text())
+    assert samples['clickhouse_insert_errors_total{kind="limit"}'] >= 1
+    assert samples["clickhouse_insert_retries_total"] == 0
+    assert samples['events_quarantined_total{destination="table"}'] == 0
+    service.process.send_signal(signal.SIGTERM)
+    assert await service.wait_exit(60) == 0
+    counts = json_rows(query(python_env, data_dir, "SELECT count() AS n, uniqExact(toYYYYMM(created_at)) AS months FROM events WHERE event_type = 'old_clock' FORMAT JSONEachRow"))
+    assert (int(counts[0]["n"]), int(counts[0]["months"])) == (150, 150)
+
+
+async def test_a_slow_query_neither_starves_inserts_nor_runs_past_query_timeout(
+    start_service, python_env: dict[str, str], tmp_path: Path
+) -> None:
+    data_dir = tmp_path / "data"
+    service = start_service(DATA_DIR=str(data_dir), FLUSH_INTERVAL="50ms", QUERY_TIMEOUT="2s", ACK_TIMEOUT="5s")
+    async with aiohttp.ClientSession() as http:
+        await eventually(lambda: service.is_ready(http), timeout=60)
+        slow = asyncio.create_task(asyncio.to_thread(
+            query, python_env, data_dir, "SELECT count() FROM numbers(100000000000) WHERE sipHash64(number) = 0"
+        ))
+        await asyncio.sleep(0.5)  # the query is running on chDB's one thread
+        started = asyncio.get_running_loop().time()
+        assert await post(http, service, [make_event(1)], "?wait=true") == 200
+        waited = asyncio.get_running_loop().time() - started
+        result = await slow
+    assert waited < 4.5, f"the insert waited {waited:.1f}s behind a query limited to 2 s"
+    assert result.returncode == 1 and ("TIMEOUT_EXCEEDED" in result.stderr or "Timeout exceeded" in result.stderr), result.stderr
+    service.process.send_signal(signal.SIGTERM)
+    assert await service.wait_exit(60) == 0
+
+
+async def test_a_query_body_that_is_not_text_is_400_not_500(start_service, tmp_path: Path) -> None:
+    service = start_service(DATA_DIR=str(tmp_path / "data"))
+    async with aiohttp.ClientSession() as http:
+        await eventually(lambda: service.is_ready(http), timeout=60)
+        async with http.post(service.url + "/query", data=b"SELECT '\xff\xfe'") as response:
+            assert response.status == 400
+            assert "utf-8" in (await response.json())["error"]
+        headers = {"Content-Type": "text/plain; charset=no-such-charset"}
+        async with http.post(service.url + "/query", data=b"SELECT 1", headers=headers) as response:
+            assert response.status == 400
+    service.process.send_signal(signal.SIGTERM)
+    assert await service.wait_exit(60) == 0
+    assert "Traceback" not in service.log
