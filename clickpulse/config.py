@@ -120,6 +120,13 @@ def parse_dsn(dsn: str) -> ClickHouseTarget:
         raise ValueError("must start with http:// or https://")
     if not parts.hostname:
         raise ValueError("has no host")
+    if _credentials_cut_short(parts.netloc, parts.path, parts.query, parts.fragment):
+        # `http://app:123/4@host/db`: the password's `/` ended the host part early, so "app" would
+        # be the host and "123" the port. Never guess, and never echo any of it.
+        raise ValueError(
+            "the password (or user) holds an unencoded '/', '?', '#' or '@': "
+            "URL-encode it ('/' is %2F, '?' %3F, '#' %23, '@' %40)"
+        )
     query = parse_qs(parts.query, keep_blank_values=True)
     unknown = sorted(set(query) - {"user", "password", "database"})
     if unknown:
@@ -141,6 +148,21 @@ def parse_dsn(dsn: str) -> ClickHouseTarget:
     default_port = 8443 if parts.scheme == "https" else 8123
     url = f"{parts.scheme}://{host}:{port or default_port}/"
     return ClickHouseTarget(url=url, database=database, user=user or None, password=password or None)
+
+
+def _credentials_cut_short(netloc: str, path: str, query: str, fragment: str) -> bool:
+    """Whether an `@` after the host part shows that credentials with an unencoded `/`, `?` or
+    `#` were taken for the host and port. An `@` is fine only inside a query's user or password
+    value (`?password=p@ss`), the DSN's other form."""
+    if "@" in path or "@" in fragment:
+        return True
+    if "@" not in query:
+        return False
+    for pair in query.split("&"):
+        name, _, value = pair.partition("=")
+        if "@" in name or ("@" in value and name not in ("user", "password")):
+            return True
+    return False
 
 
 def _without_password(text: str) -> str:

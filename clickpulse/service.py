@@ -187,6 +187,15 @@ def build_pipeline(config: Config, metrics: PipelineMetrics) -> Pipeline:
     return pipeline
 
 
+def local_address(http_host: str) -> str:
+    """How a process on this machine reaches a service listening on HTTP_HOST, for URLs."""
+    if http_host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if http_host == "::":  # IPv6 only: asyncio sets IPV6_V6ONLY, so 127.0.0.1 would not answer
+        return "[::1]"
+    return f"[{http_host}]" if ":" in http_host else http_host
+
+
 class Service:
     """The supervisor. Build inside the event loop that runs it; then `start()` and `stop()`."""
 
@@ -218,8 +227,7 @@ class Service:
             await self._close_after_failed_start()
             raise
         self.port = self._runner.addresses[0][1]
-        local_host = "127.0.0.1" if config.http_host in ("0.0.0.0", "::", "") else config.http_host
-        pipeline.listening(f"http://{local_host}:{self.port}")
+        pipeline.listening(f"http://{local_address(config.http_host)}:{self.port}")
         log.info(
             "clickpulse listening on http://%s:%d, writing to %s, table %s; ack mode %s, %s",
             config.http_host, self.port, pipeline.connection.description, config.clickhouse_table, config.ack_mode,

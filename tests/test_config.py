@@ -476,3 +476,32 @@ def test_module_bad_dsn_exits_2_without_showing_the_password() -> None:
     assert len(completed.stderr.splitlines()) == 1, completed.stderr
     assert "CLICKHOUSE_DSN" in completed.stderr
     assert SECRET[:4] not in completed.stderr
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "http://app:123/sec@clickhouse:8123/analytics",  # '/' after digits: "123" would be the port
+        "http://app:99?sec@clickhouse:8123/analytics",
+        "http://app:7#sec@clickhouse:8123/analytics",
+        "http://app:1/2?3#4@clickhouse:8123/analytics",
+        "http://app:42/sec@clickhouse:8123?database=analytics",
+    ],
+)
+def test_a_password_that_cannot_be_parsed_unambiguously_exits_naming_the_variable_and_no_part_of_it(dsn: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config([], {"CLICKHOUSE_DSN": dsn})
+    message = str(caught.value)
+    assert message.startswith("invalid CLICKHOUSE_DSN=") and "URL-encode" in message and "\n" not in message
+    for fragment in ("sec", "123", "99", "42", "1/2", "3#4"):
+        assert fragment not in message.replace("8123", "")
+
+
+def test_an_at_sign_inside_the_query_forms_password_is_fine() -> None:
+    target = parse_dsn("http://clickhouse:8123?user=app&password=p@ss/w?rd&database=analytics")
+    assert (target.user, target.password, target.database) == ("app", "p@ss/w?rd", "analytics")
+
+
+def test_the_location_of_a_target_names_neither_user_nor_password() -> None:
+    target = parse_dsn("http://app:hunter2@clickhouse:8123/analytics")
+    assert target.location == "http://clickhouse:8123/analytics"

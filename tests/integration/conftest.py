@@ -96,14 +96,14 @@ def make_event(index: int = 0, **overrides: Any) -> dict[str, Any]:
 
 
 class ServiceProcess:
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path, http_host: str = "127.0.0.1") -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self._log = open(log_path, "wb")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "clickpulse"],
-            env={**env, "HTTP_HOST": "127.0.0.1", "HTTP_PORT": str(self.port)},
+            env={**env, "HTTP_HOST": http_host, "HTTP_PORT": str(self.port)},
             stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
 
@@ -112,9 +112,9 @@ class ServiceProcess:
         self._log.flush()
         return self.log_path.read_text(errors="replace")
 
-    async def status(self, http: aiohttp.ClientSession, path: str) -> int | None:
+    async def status(self, http: aiohttp.ClientSession, path: str, base: str | None = None) -> int | None:
         try:
-            async with http.get(self.url + path) as response:
+            async with http.get((base or self.url) + path) as response:
                 return response.status
         except aiohttp.ClientConnectionError:
             return None

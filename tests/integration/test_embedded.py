@@ -203,3 +203,24 @@ async def test_a_query_body_that_is_not_text_is_400_not_500(start_service, tmp_p
     service.process.send_signal(signal.SIGTERM)
     assert await service.wait_exit(60) == 0
     assert "Traceback" not in service.log
+
+
+@pytest.mark.parametrize("http_host", ["::", "::1"])
+async def test_the_query_command_reaches_a_service_listening_on_ipv6(
+    python_env: dict[str, str], tmp_path: Path, http_host: str
+) -> None:
+    data_dir = tmp_path / "data"
+    service = ServiceProcess({**python_env, "DATA_DIR": str(data_dir)}, tmp_path / "ipv6.log", http_host=http_host)
+    try:
+        async with aiohttp.ClientSession() as http:
+            url = f"http://[::1]:{service.port}"
+            await eventually(lambda: service.status(http, "/readyz", base=url), timeout=60)
+            async with http.post(url + "/events?wait=true", json=[make_event(1)]) as response:
+                assert response.status == 200
+        result = query(python_env, data_dir, "SELECT count() AS n FROM events FORMAT JSONEachRow")
+        assert int(json_rows(result)[0]["n"]) == 1
+        assert f"[::1]:{service.port}" in (data_dir / "clickpulse.lock").read_text()
+    finally:
+        service.process.send_signal(signal.SIGTERM)
+        assert await service.wait_exit(60) == 0
+        service.kill()
