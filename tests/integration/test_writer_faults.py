@@ -71,7 +71,7 @@ async def test_after_a_schema_change_every_insertable_row_lands_and_every_other_
     stored = await clickhouse_server.aquery(f"SELECT toString(event_id) FROM {clickhouse_database}.events")
     assert set(stored.split()) == {event["event_id"] for event in events[0::2]}
     quarantined = await clickhouse_server.aquery(f"SELECT row FROM {clickhouse_database}.events_quarantine FORMAT TSV")
-    assert sorted(line for line in quarantined.splitlines()) and len(quarantined.splitlines()) == 200
+    assert len(quarantined.splitlines()) == 200
     assert all(event["event_id"] in quarantined for event in events[1::2])
     assert samples['events_quarantined_total{destination="table"}'] == 200
     service.process.send_signal(signal.SIGTERM)
