@@ -258,10 +258,11 @@ class Service:
         pipeline.buffering.stop_forwarding()
         for name, stop in (("batcher", pipeline.batcher.stop), ("writer", pipeline.writer.stop)):
             task = self._tasks[name]
+            if task.done():  # crashed or cancelled already: nothing to drain
+                continue
             try:
                 async with asyncio.timeout_at(deadline):
-                    if not task.done():
-                        await stop()
+                    await stop()
                     await asyncio.shield(task)
             except TimeoutError:
                 log.error("%s did not finish within SHUTDOWN_TIMEOUT=%ss", name, self.config.shutdown_timeout)

@@ -94,3 +94,32 @@ async def test_every_acknowledged_event_a_drain_without_a_spool_loses_is_counted
 
     assert lost == 5
     assert service.metrics.writer.events_dropped.get({"reason": "shutdown"}) == 5
+
+
+@pytest.mark.parametrize("spool", [False, True], ids=["no-spool", "spool"])
+async def test_when_the_actors_die_a_request_waiting_for_clickhouse_is_answered_503_at_once(
+    tmp_path: Path, spool: bool
+) -> None:
+    settings = {"ACK_TIMEOUT": "30s", "FLUSH_INTERVAL": "50ms"}
+    if spool:
+        settings["SPOOL_DIR"] = str(tmp_path / "spool")
+    async with service_without_clickhouse(**settings) as service:
+        async with aiohttp.ClientSession() as http:
+            url = f"http://127.0.0.1:{service.port}"
+            waiting = asyncio.create_task(http.post(url + "/events?wait=true", json=EVENT))
+            await asyncio.sleep(0.3)  # with the Writer, which cannot write it
+            assert not waiting.done()
+            started = asyncio.get_running_loop().time()
+
+            service.abort()  # every actor task ends, as if they had crashed
+
+            async with await waiting as response:
+                assert response.status == 503
+                assert int(response.headers["Retry-After"]) > 0
+                assert "error" in await response.json()
+            answered_after = asyncio.get_running_loop().time() - started
+            async with http.get(url + "/readyz") as response:
+                assert response.status == 503
+                assert "actor is not running" in (await response.json())["reason"]
+    assert answered_after < 2.0, f"answered after {answered_after:.1f}s, not at once"
+    assert service.failed.is_set()  # serve() exits 1 on this
