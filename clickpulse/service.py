@@ -217,7 +217,8 @@ class Service:
     async def start(self) -> None:
         pipeline, config = self.pipeline, self.config
         try:
-            await pipeline.buffering.open()
+            # The spool recovers in its own task, off the event loop, while HTTP already answers:
+            # /healthz stays live through a long replay and /readyz says the spool is not open yet.
             for name, run in pipeline.actors.items():
                 self._start_actor(name, run())
             await self._runner.setup()
