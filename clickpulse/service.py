@@ -42,6 +42,8 @@ HTTP_DRAIN_SECONDS = 5.0
 # Spool segments roll at this size (or a quarter of SPOOL_MAX_BYTES, if smaller), so confirmed
 # data is deleted segment by segment while an outage is being caught up.
 SPOOL_SEGMENT_BYTES = 32 << 20
+# How long start() waits for the spool's recovery before it listens anyway.
+RECOVERY_WAIT_SECONDS = 1.0
 
 Actor = Callable[[], Coroutine[Any, Any, None]]
 
@@ -207,6 +209,7 @@ class Service:
         self.port = 0  # the real port once started (HTTP_PORT=0 picks a free one)
         self.stopping = False
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._opening: asyncio.Task[None] | None = None  # held so the recovery task is not collected
         # aiohttp waits up to shutdown_timeout for a handler to finish, then as long again once it
         # is cancelled: the HTTP drain takes at most half of SHUTDOWN_TIMEOUT, inside its deadline.
         http_drain = min(HTTP_DRAIN_SECONDS, config.shutdown_timeout / 4)
@@ -217,8 +220,12 @@ class Service:
     async def start(self) -> None:
         pipeline, config = self.pipeline, self.config
         try:
-            # The spool recovers in its own task, off the event loop, while HTTP already answers:
-            # /healthz stays live through a long replay and /readyz says the spool is not open yet.
+            # Recovery runs off the event loop. A short one is over before HTTP listens; a long
+            # one goes on while HTTP already answers (/healthz live, /readyz not ready, intake 503),
+            # and the spool's own task waits for it.
+            opening = asyncio.create_task(pipeline.buffering.open())
+            await asyncio.wait({opening}, timeout=RECOVERY_WAIT_SECONDS)
+            self._opening = opening
             for name, run in pipeline.actors.items():
                 self._start_actor(name, run())
             await self._runner.setup()
@@ -244,6 +251,7 @@ class Service:
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
         await self._runner.cleanup()
         pipeline = self.pipeline
+        await self._recovery_ended()
         await pipeline.buffering.close()
         await pipeline.connection.close()
         await pipeline.session.close()
@@ -272,6 +280,7 @@ class Service:
         self.abort()
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
         lost = self._count_unwritten()
+        await self._recovery_ended()
         await pipeline.buffering.close()
         if pipeline.buffering.keeps_unwritten and pipeline.buffering.unconfirmed_events:
             log.warning(
@@ -285,6 +294,11 @@ class Service:
         await pipeline.connection.close()
         await pipeline.session.close()
         return lost
+
+    async def _recovery_ended(self) -> None:
+        """A recovery still reading in its thread must end before the files are closed."""
+        if self._opening is not None:
+            await asyncio.gather(self._opening, return_exceptions=True)
 
     def abort(self) -> None:
         """Cancels every actor task (a drain that ran out of time, or a test that must end)."""
