@@ -46,6 +46,7 @@ from clickpulse.spool.record import (
     scan_extents,
     scan_segment,
 )
+from clickpulse.spool.lock import LOCK_NAME, SpoolDirInUse, SpoolDirLock
 from clickpulse.spool.replay import Admission, Recovered, Replay, recover
 from clickpulse.spool.segments import (
     LARGE_WRITE_BYTES,
@@ -60,12 +61,14 @@ __all__ = [
     "LARGE_WRITE_BYTES",
     "LEDGER_COMPACT_BYTES",
     "LEDGER_NAME",
+    "LOCK_NAME",
     "MAGIC",
     "REOPEN_INTERVAL_SECONDS",
     "SEGMENT_NAME",
     "Extent",
     "ScannedRecord",
     "Spool",
+    "SpoolDirInUse",
     "checksum",
     "encode_record",
     "parse_ledger",
@@ -104,6 +107,7 @@ class Spool:
         self._ledger = LedgerFile(directory)
         self._unconfirmed = Unconfirmed()
         self._open_lock = asyncio.Lock()
+        self._directory_lock: SpoolDirLock | None = None  # held from the first open to close()
         self._opened = False
         self._ended = False  # run() has returned: nothing is fsynced or forwarded any more
         self._closed = False
@@ -112,8 +116,9 @@ class Spool:
     # -- the lifecycle ----------------------------------------------------------------------------
 
     async def open(self) -> None:
-        """Recovers the directory, off the event loop. An OSError is recorded (logged, and the
-        reason /readyz gives), not raised: the spool stays closed and run() tries again."""
+        """Locks and recovers the directory, off the event loop. An OSError is recorded (logged,
+        and the reason /readyz gives), not raised: the spool stays closed and run() tries again.
+        Raises SpoolDirInUse, having touched nothing, when another process holds the directory."""
         async with self._open_lock:
             if self._opened or self._closed:
                 return
@@ -127,6 +132,8 @@ class Spool:
 
     def _recover(self, admission: Admission, clock: Callable[[], float]) -> Recovered:
         self.directory.mkdir(parents=True, exist_ok=True)
+        if self._directory_lock is None:  # before anything in the directory is read or changed
+            self._directory_lock = SpoolDirLock(self.directory)
         return recover(self._ledger, self._segments, admission, clock)
 
     def _install(self, recovered: Recovered, admission: Admission) -> None:
@@ -172,6 +179,14 @@ class Spool:
         self._closed = True
         await self._segments.close()
         await self._ledger.close()
+        if self._directory_lock is not None:
+            self._directory_lock.release()
+            self._directory_lock = None
+
+    def advertise(self, url: str) -> None:
+        """Where this process listens: written into the lock file, for a second instance to name."""
+        if self._directory_lock is not None:
+            self._directory_lock.advertise(url)
 
     def _fail(self, message: str) -> None:
         if message != self._error:
