@@ -5,7 +5,10 @@ file (segments.py); one task fsyncs whatever was written since its last pass, so
 share one fsync, and a request acknowledged in `disk` mode waits for the pass that covers its
 record. Fsynced records are forwarded in log order to the Batcher as MAX_BUFFER_EVENTS leaves
 room; what does not fit in memory waits on disk and is read back when its turn comes
-(replay.py), so the spool, not memory, absorbs a long ClickHouse outage.
+(replay.py), so the spool, not memory, absorbs a long ClickHouse outage. Nor does the spool's
+bookkeeping grow with it: per record only for the records memory holds anyway (rows kept, records
+forwarded and not confirmed, requests waiting for a confirmation); the records waiting on disk are
+one range behind a cursor, and the unconfirmed count is one number.
 
 The Writer inserts batches in log order. Before each insert the batch's range goes to the ledger
 (ledger.py), fsynced; once ClickHouse confirmed it, its end becomes the confirmed mark and the
@@ -101,11 +104,14 @@ class Spool:
         self._max_bytes = max_bytes
         self._memory = memory
         self._metrics = metrics
-        self._replay = Replay(directory=directory, memory=memory, deliver=deliver, synced=self._synced)
         self._segments = Segments(directory=directory, segment_bytes=segment_bytes, metrics=metrics)
+        self._unconfirmed = Unconfirmed()
+        self._replay = Replay(
+            directory=directory, memory=memory, deliver=deliver, synced=self._synced, segments=self._segments,
+            unconfirmed=self._unconfirmed,
+        )
         self._fsync = GroupFsync(self._segments, metrics=metrics, on_synced=self._replay.wake, on_error=self._fail)
         self._ledger = LedgerFile(directory)
-        self._unconfirmed = Unconfirmed()
         self._open_lock = asyncio.Lock()
         self._directory_lock: SpoolDirLock | None = None  # held from the first open to close()
         self._opened = False
@@ -140,8 +146,8 @@ class Spool:
         if recovered.damaged_segments:
             self._metrics.corrupt_records.add({}, recovered.damaged_segments)
         self._fsync.recovered(self._segments.written)
-        self._unconfirmed.extend(recovered.unconfirmed, recovered.events)
-        self._replay.load(recovered, admission)
+        self._unconfirmed.add(recovered.events)
+        self._replay.load(recovered, admission, self._segments.written)
         replayed = recovered.events
         if replayed:
             self._metrics.replayed_events.add({}, replayed)
@@ -222,8 +228,8 @@ class Spool:
         except OSError as error:
             self._metrics.write_errors.inc({})
             raise Refused("overloaded", f"cannot write the spool: {error.strerror or error}") from None
-        self._unconfirmed.track(position, received_ms, count)
-        self._replay.add(position, end, count, received_at, rows, confirmation)
+        self._unconfirmed.events += count
+        self._replay.add(position, end, count, received_at, rows, confirmation, received_ms)
         if durable:
             await self._fsync.wait_synced(end)
 
@@ -260,6 +266,17 @@ class Spool:
         return self._unconfirmed.events
 
     @property
+    def oldest_unconfirmed_unix(self) -> float:
+        """Receipt time of the oldest unconfirmed record (the first after the confirmed mark), in
+        unix seconds; 0 when there is none. Forwarded records come before those still waiting."""
+        if not self._unconfirmed.events:
+            return 0
+        received_ms = self._unconfirmed.oldest_forwarded_ms
+        if received_ms is None:
+            received_ms = self._replay.oldest_waiting_ms
+        return received_ms / 1000 if received_ms is not None else 0
+
+    @property
     def fill_ratio(self) -> float:
         return self._segments.total_bytes / self._max_bytes
 
@@ -269,7 +286,7 @@ class Spool:
         metrics = self._metrics
         metrics.bytes.set({}, self._segments.total_bytes)
         metrics.segments.set({}, self._segments.count)
-        metrics.oldest_unconfirmed_timestamp.set({}, self._unconfirmed.oldest_unix)
+        metrics.oldest_unconfirmed_timestamp.set({}, self.oldest_unconfirmed_unix)
         metrics.unconfirmed_events.set({}, self._unconfirmed.events)
 
     def not_ready_reason(self) -> str | None:

@@ -24,15 +24,17 @@ import re
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 from clickpulse.messages import Refused, SpoolPosition
 from clickpulse.metrics import SpoolMetrics
-from clickpulse.spool.record import Extent, scan_extents
+from clickpulse.spool.record import HEADER, MAGIC, Extent, scan_extents
 
 log = logging.getLogger("clickpulse.spool")
 
 SEGMENT_NAME = re.compile(r"segment-(\d{12})\.log")
 LARGE_WRITE_BYTES = 64 << 10
+RECOVER_CHUNK_BYTES = 1 << 20  # recovery reads segments this much at a time
 
 
 def segment_name(number: int) -> str:
@@ -69,12 +71,22 @@ class Segments:
     def count(self) -> int:
         return len(self._sizes)
 
+    def size_of(self, number: int) -> int:
+        """The bytes of whole records in segment `number`; 0 if it is gone."""
+        return self._sizes.get(number, 0)
+
+    def next_after(self, number: int) -> int | None:
+        """The segment after `number` in log order, if there is one."""
+        return min((other for other in self._sizes if other > number), default=None)
+
     # -- recovery (in a worker thread, before the spool is open) -------------------------------
 
     def recover(self, confirmed: SpoolPosition, take: Callable[[int, bytes, list[Extent]], None]) -> int:
         """Blocking. Scans every segment in order, truncates a torn or corrupt tail, deletes the
-        segments ClickHouse has confirmed wholly, and starts a new active segment. Hands each
-        segment's records after `confirmed` to `take(number, data, extents)`, in log order.
+        segments ClickHouse has confirmed wholly, and starts a new active segment. Hands the
+        records after `confirmed` to `take(number, data, extents)`, in log order, a chunk of at
+        most about RECOVER_CHUNK_BYTES at a time (extents are offsets in the segment; `data`
+        starts at the first one's offset): so recovery holds one chunk, never a whole segment.
         Returns how many segments had a damaged tail."""
         directory = self.directory
         numbers = sorted(int(m.group(1)) for name in os.listdir(directory) if (m := SEGMENT_NAME.fullmatch(name)))
@@ -82,29 +94,38 @@ class Segments:
         damaged = 0
         for index, number in enumerate(numbers):
             path = directory / segment_name(number)
-            data = path.read_bytes()
-            extents, intact = scan_extents(data)
-            if intact < len(data):
+            unconfirmed = False
+            with open(path, "rb") as segment_file:
+                size = os.fstat(segment_file.fileno()).st_size
+                intact = 0
+                while intact < size:
+                    data = _read_records_at(segment_file, intact, RECOVER_CHUNK_BYTES, size)
+                    extents, end = scan_extents(data, intact)
+                    if not extents:
+                        break
+                    if number > confirmed.segment or (number == confirmed.segment and extents[-1][0] >= confirmed.offset):
+                        first = 0
+                        if number == confirmed.segment:
+                            first = next(i for i, extent in enumerate(extents) if extent[0] >= confirmed.offset)
+                        unconfirmed = True
+                        if first:
+                            data, extents = data[extents[first][0] - intact :], extents[first:]
+                        take(number, data, extents)
+                    del data, extents
+                    intact = end
+            if intact < size:
                 damaged += 1
                 log.warning(
                     "spool segment %s: %d bytes after offset %d are %s; dropped",
-                    path.name, len(data) - intact, intact, "a torn tail" if index == len(numbers) - 1 else "corrupt",
+                    path.name, size - intact, intact, "a torn tail" if index == len(numbers) - 1 else "corrupt",
                 )
                 with open(path, "r+b") as segment_file:
                     segment_file.truncate(intact)
                     os.fsync(segment_file.fileno())
-            if number < confirmed.segment:
-                first = len(extents)
-            elif number > confirmed.segment:
-                first = 0
-            else:
-                first = next((i for i, extent in enumerate(extents) if extent[0] >= confirmed.offset), len(extents))
-            if first == len(extents):  # every record is in ClickHouse; writing resumes in a new segment
+            if not unconfirmed:  # every record is in ClickHouse; writing resumes in a new segment
                 path.unlink()
                 continue
             sizes[number] = intact
-            take(number, data, extents[first:])
-            del data, extents
         # Never a number at or before the confirmed mark, even when every segment up to it was
         # deleted: records there would count as confirmed at the next start and be dropped.
         active = max(max(sizes, default=0), confirmed.segment) + 1
@@ -241,6 +262,20 @@ class Segments:
             self._fd = None
             if fds:
                 await asyncio.to_thread(_fsync_and_close_all, fds)
+
+
+def _read_records_at(segment_file: BinaryIO, offset: int, chunk: int, size: int) -> bytes:
+    """Blocking. At least `chunk` bytes from `offset` (less at the end of the file), or the whole
+    record that starts there if it is longer."""
+    segment_file.seek(offset)
+    data = segment_file.read(min(chunk, size - offset))
+    if len(data) >= HEADER.size:
+        magic, length = HEADER.unpack_from(data)[:2]
+        whole = HEADER.size + length
+        if magic == MAGIC and len(data) < whole <= size - offset:
+            segment_file.seek(offset)
+            data = segment_file.read(whole)
+    return data
 
 
 def _fsync_and_close_all(fds: list[int]) -> None:

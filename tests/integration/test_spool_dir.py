@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 import uuid
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from tests.integration.conftest import ServiceProcess, eventually, make_event
-from tests.integration.test_faults import proxy, via, wait_for_ids  # noqa: F401 - proxy is a fixture
+from clickpulse.spool import encode_record, segment_name
+from tests.integration.conftest import ServiceProcess, eventually, make_event, metric_samples
+from tests.integration.test_faults import proxy, scrape_process, via, wait_for_ids  # noqa: F401 - proxy is a fixture
 from tests.servers import ClickHouseServer, TcpProxy
+from tests.support import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -60,3 +63,53 @@ async def test_a_second_process_on_the_spool_dir_exits_2_naming_the_holder_and_t
     assert first.url in lines[0]
     third.process.send_signal(signal.SIGTERM)
     assert await third.wait_exit(30) == 0
+
+
+def fill_spool(directory: Path, total_bytes: int, segment_bytes: int = 32 << 20) -> int:
+    """One-event records (as a long outage leaves them), `total_bytes` of them; returns how many."""
+    directory.mkdir(parents=True)
+    received_ms = int(time.time() * 1000)
+    number, chunk, size, written, records = 1, [], 0, 0, 0
+    while written + size < total_bytes:
+        record = encode_record(b'{"event_type":"page_view","user_id":"u%07d","value":1}\n' % records, 1, received_ms)
+        records += 1
+        chunk.append(record)
+        size += len(record)
+        if size >= segment_bytes:
+            (directory / segment_name(number)).write_bytes(b"".join(chunk))
+            number, chunk, written, size = number + 1, [], written + size, 0
+    (directory / segment_name(number)).write_bytes(b"".join(chunk))
+    return records
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
+async def test_a_large_unconfirmed_spool_opens_in_a_small_fraction_of_its_bytes(start_service, tmp_path: Path) -> None:
+    # 64 MiB of one-event records: the bookkeeping of one tuple or two per record took ~360 MiB
+    # of RSS here; now it is per segment, plus the rows MAX_BUFFER_EVENTS/BYTES let into memory.
+    spool = tmp_path / "spool"
+    records = fill_spool(spool, 64 << 20)
+    service = start_service(CLICKHOUSE_DSN=f"http://127.0.0.1:{free_port()}/default", SPOOL_DIR=str(spool),
+                            SPOOL_MAX_BYTES="1GiB", CLICKHOUSE_TIMEOUT="1s")
+    async with aiohttp.ClientSession() as http:
+        async def opened() -> bool:
+            try:
+                async with http.get(service.url + "/metrics") as response:
+                    return metric_samples(await response.text()).get("spool_unconfirmed_events") == records
+            except aiohttp.ClientConnectionError:
+                return False
+
+        await eventually(opened, timeout=60, interval=0.2)
+        await asyncio.sleep(2)  # forwarding fills the pipeline up to MAX_BUFFER_EVENTS meanwhile
+        peak = peak_rss_mib(service.process.pid)
+        samples = await scrape_process(http, service)
+    assert samples["spool_unconfirmed_events"] == records
+    assert samples["spool_oldest_unconfirmed_timestamp_seconds"] > 0
+    assert peak < 160, f"VmHWM {peak:.0f} MiB with a 64 MiB spool of {records} records"
+    service.kill()
