@@ -31,6 +31,8 @@ from pathlib import Path
 from clickpulse.memory_limit import MemoryLimit
 from clickpulse.messages import Batch, Delivery, PipelineDown, Refused, SpoolPosition
 from clickpulse.metrics import SpoolMetrics
+from clickpulse.spool import directory as directory_watch
+from clickpulse.spool.directory import DirectoryWatch
 from clickpulse.spool.ledger import (
     LEDGER_COMPACT_BYTES,
     LEDGER_NAME,
@@ -53,6 +55,7 @@ from clickpulse.spool.lock import LOCK_NAME, SpoolDirInUse, SpoolDirLock
 from clickpulse.spool.replay import Admission, Recovered, Replay, recover
 from clickpulse.spool.segments import (
     LARGE_WRITE_BYTES,
+    NO_SPACE,
     SEGMENT_NAME,
     GroupFsync,
     Segments,
@@ -110,7 +113,12 @@ class Spool:
             directory=directory, memory=memory, deliver=deliver, synced=self._synced, segments=self._segments,
             unconfirmed=self._unconfirmed,
         )
-        self._fsync = GroupFsync(self._segments, metrics=metrics, on_synced=self._replay.wake, on_error=self._fail)
+        self._watch = DirectoryWatch(directory)
+        self._segments.check_directory = self._watch.check
+        self._fsync = GroupFsync(
+            self._segments, metrics=metrics, on_synced=self._replay.wake, on_error=self._fail,
+            check_directory=self._watch.check, on_gone=self._directory_gone,
+        )
         self._ledger = LedgerFile(directory)
         self._open_lock = asyncio.Lock()
         self._directory_lock: SpoolDirLock | None = None  # held from the first open to close()
@@ -118,6 +126,7 @@ class Spool:
         self._ended = False  # run() has returned: nothing is fsynced or forwarded any more
         self._closed = False
         self._error: str | None = None
+        self._gone: str | None = None  # why SPOOL_DIR is not the directory opened any more
 
     # -- the lifecycle ----------------------------------------------------------------------------
 
@@ -140,6 +149,7 @@ class Spool:
         self.directory.mkdir(parents=True, exist_ok=True)
         if self._directory_lock is None:  # before anything in the directory is read or changed
             self._directory_lock = SpoolDirLock(self.directory)
+        self._watch.pin()
         return recover(self._ledger, self._segments, admission, clock)
 
     def _install(self, recovered: Recovered, admission: Admission) -> None:
@@ -170,11 +180,42 @@ class Spool:
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self._fsync.run())
                 tasks.create_task(self._replay.forward_loop())
+                tasks.create_task(self._watch_directory())
         finally:
             self._ended = True
             down = PipelineDown("the spool has stopped")
             self._fsync.fail_waiters(down)
             self._replay.fail_waiters(down)
+
+    async def _watch_directory(self) -> None:
+        """Every WATCH_INTERVAL_SECONDS: is the directory still the one opened (between fsync
+        passes, which check it too), and after a full disk, can a confirmed active segment go?"""
+        while True:
+            await asyncio.sleep(directory_watch.WATCH_INTERVAL_SECONDS)
+            if self._gone is None:
+                gone = await asyncio.to_thread(self._watch.check)
+                if gone is not None:
+                    self._directory_gone(gone)
+            if self._segments.space_short and self._gone is None:
+                await self._reclaim(self._ledger.confirmed)
+
+    def _directory_gone(self, message: str) -> None:
+        if self._gone is not None:
+            return
+        log.error("spool: %s; refusing events (503) until restarted: records not yet confirmed and not held in "
+                  "memory are lost with its files", message)
+        self._gone = message
+        self._segments.gone = True
+        self._ledger.frozen = True
+
+    async def _reclaim(self, confirmed: SpoolPosition) -> None:
+        """Deletes what ClickHouse has confirmed; a full disk has room again if that freed some."""
+        before = self._segments.total_bytes
+        await self._segments.delete_confirmed(confirmed)
+        if self._segments.found_gone is not None:
+            self._directory_gone(self._segments.found_gone)
+        elif self._segments.total_bytes < before:
+            self._segments.space_short = False  # room again, probably: the next write tells
 
     def stop_forwarding(self) -> None:
         """From now on records stay in the spool for the next start."""
@@ -215,7 +256,7 @@ class Spool:
     ) -> None:
         """Appends one request's record; with `durable`, returns once it is fsynced. Raises
         Refused when it cannot be taken, PipelineDown once run() has ended."""
-        if self._ended or self._closed or not self._opened:
+        if self._ended or self._closed or not self._opened or self._gone is not None:
             raise self._refusal()
         received_ms = int(time.time() * 1000)
         record = encode_record(rows, count, received_ms)
@@ -227,7 +268,14 @@ class Spool:
             position, end = await segments.append(record)
         except OSError as error:
             self._metrics.write_errors.inc({})
+            if segments.found_gone is not None:
+                self._directory_gone(segments.found_gone)
+            if error.errno in NO_SPACE:
+                segments.space_short = True
+                raise Refused("overloaded", f"the spool's disk is full ({error.strerror}); retry later") from None
             raise Refused("overloaded", f"cannot write the spool: {error.strerror or error}") from None
+        if segments.space_short:
+            segments.space_short = False
         self._unconfirmed.events += count
         self._replay.add(position, end, count, received_at, rows, confirmation, received_ms)
         if durable:
@@ -238,6 +286,8 @@ class Spool:
             return PipelineDown("the spool has stopped")
         if self._closed:
             return Refused("shutting_down", "the spool is closed", retry_after=5)
+        if self._gone is not None:
+            return Refused("overloaded", f"{self._gone}; this process cannot spool any more", retry_after=5)
         return Refused("overloaded", self._error or "the spool is not open yet", retry_after=1)
 
     # -- the Writer's ledger ----------------------------------------------------------------------
@@ -256,7 +306,7 @@ class Spool:
             return
         confirmed = await self._ledger.record_confirmed(_end_of(batch))
         self._unconfirmed.drop_before(confirmed)
-        await self._segments.delete_confirmed(confirmed)
+        await self._reclaim(confirmed)
         self.publish_metrics()
 
     # -- reporting ------------------------------------------------------------------------------
@@ -294,6 +344,10 @@ class Spool:
             return "spool stopped"
         if not self._opened:
             return f"spool unavailable: {self._error or 'not open yet'}"
+        if self._gone is not None:
+            return f"spool directory gone: {self._gone}"
+        if self._segments.space_short:
+            return f"spool disk full: no space left in {self.directory} (writes fail with ENOSPC until ClickHouse confirms and segments are deleted)"
         if self._fsync.failing:
             return f"spool cannot make writes durable: {self._error}"
         if self.fill_ratio >= NEARLY_FULL:

@@ -63,6 +63,7 @@ class LedgerFile:
         self._size = 0
         self._lock = asyncio.Lock()
         self.confirmed = SpoolPosition(0, 0)  # every record before this is in ClickHouse
+        self.frozen = False  # the directory is gone: the ledger is not rewritten by name any more
 
     def recover(self) -> Intent | None:
         """Blocking. Reads the ledger, rewrites it compacted and opens it for appending; returns
@@ -116,7 +117,7 @@ class LedgerFile:
                 log.warning("spool: cannot record the confirmed mark in the ledger (replayed if we crash now): %s", error)
             else:
                 self._size += len(line)
-            if self._size > LEDGER_COMPACT_BYTES:
+            if self._size > LEDGER_COMPACT_BYTES and not self.frozen:
                 try:
                     await asyncio.to_thread(self._rewrite, self.confirmed, None)
                 except OSError as error:  # the ledger stays as it was, longer; tried again next time

@@ -329,6 +329,8 @@ class Replay:
         records right after it that are fsynced and fit in memory now, in one go off the loop;
         forwards them and moves the cursor. False when the cursor's record is not fsynced yet."""
         segment, offset = position.segment, position.offset
+        if self._segments.gone:  # its name may be another directory's file now
+            return False
         readable = self._readable_end(segment)
         if offset >= readable:
             following = self._segments.next_after(segment)
