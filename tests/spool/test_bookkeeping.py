@@ -134,3 +134,19 @@ async def test_the_batch_in_flight_is_passed_over_when_its_segment_is_read_back(
     [batch] = harness.forwarded.batches
     assert [delivery.position for delivery in batch.deliveries] == positions[2:4]
     assert [delivery.position for delivery in harness.forwarded.deliveries] == [*positions[2:4], positions[1], *positions[4:]]
+
+
+async def test_records_appended_during_an_outage_cost_no_memory_per_record(open_spool: OpenSpool) -> None:
+    harness = await open_spool(capacity_events=10, max_bytes=1 << 30, segment_bytes=1 << 20)
+    assert harness.memory.try_reserve(10, 0)  # ClickHouse is down: the pipeline holds all it may
+    await harness.accept(rows("warm-up"), durable=False)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for index in range(20_000):
+            await harness.accept(rows(f"outage-{index}"), durable=index % 1000 == 0)
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert held < 256 << 10, held  # the old queue: a tuple per record, ~2 MB here
+    assert harness.spool.unconfirmed_events == 20_001
