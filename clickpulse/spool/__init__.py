@@ -90,7 +90,6 @@ NEARLY_FULL = 0.9
 
 
 class Spool:
-    keeps_unwritten = True
     takes_durable = True
 
     def __init__(
@@ -310,6 +309,12 @@ class Spool:
         self.publish_metrics()
 
     # -- reporting ------------------------------------------------------------------------------
+
+    @property
+    def keeps_unwritten(self) -> bool:
+        """What ClickHouse has not confirmed survives for the next start: not once the directory
+        is gone, with the files that held it."""
+        return self._gone is None
 
     @property
     def unconfirmed_events(self) -> int:
