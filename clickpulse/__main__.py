@@ -15,6 +15,7 @@ from clickpulse.clickhouse import EmbeddedUnavailable
 from clickpulse.config import Config, ConfigError, load_config
 from clickpulse.query import QueryFailed, run_query
 from clickpulse.service import serve
+from clickpulse.spool import SpoolDirInUse
 
 EXIT_CONFIG_ERROR = 2
 
@@ -74,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(config)
     try:
         return asyncio.run(serve(config))
-    except EmbeddedUnavailable as error:
+    except (EmbeddedUnavailable, SpoolDirInUse) as error:
         print(f"clickpulse: {error}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     except KeyboardInterrupt:

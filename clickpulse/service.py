@@ -160,6 +160,12 @@ def build_pipeline(config: Config, metrics: PipelineMetrics) -> Pipeline:
             async with asyncio.timeout(time_limit + 5):
                 return await store.query_text(sql, "default", time_limit)
 
+    def listening(url: str) -> None:
+        if embedded is not None:
+            embedded.lock.advertise(url)
+        if isinstance(buffering, Spool):
+            buffering.advertise(url)
+
     pipeline: Pipeline
     http = HttpApp(
         intake=buffering,
@@ -184,7 +190,7 @@ def build_pipeline(config: Config, metrics: PipelineMetrics) -> Pipeline:
         batcher=batcher,
         http=http,
         actors=actors,
-        listening=embedded.lock.advertise if embedded is not None else lambda url: None,
+        listening=listening,
     )
     return pipeline
 

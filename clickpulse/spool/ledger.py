@@ -63,6 +63,7 @@ class LedgerFile:
         self._size = 0
         self._lock = asyncio.Lock()
         self.confirmed = SpoolPosition(0, 0)  # every record before this is in ClickHouse
+        self.frozen = False  # the directory is gone: the ledger is not rewritten by name any more
 
     def recover(self) -> Intent | None:
         """Blocking. Reads the ledger, rewrites it compacted and opens it for appending; returns
@@ -116,7 +117,7 @@ class LedgerFile:
                 log.warning("spool: cannot record the confirmed mark in the ledger (replayed if we crash now): %s", error)
             else:
                 self._size += len(line)
-            if self._size > LEDGER_COMPACT_BYTES:
+            if self._size > LEDGER_COMPACT_BYTES and not self.frozen:
                 try:
                     await asyncio.to_thread(self._rewrite, self.confirmed, None)
                 except OSError as error:  # the ledger stays as it was, longer; tried again next time
@@ -138,28 +139,29 @@ def _fsync_and_close(fd: int) -> None:
 
 
 class Unconfirmed:
-    """(segment, offset, receipt unix ms, events) of every record after the confirmed mark, in
-    log order: tuples of ints, which the garbage collector stops tracking."""
+    """How many events the spool holds that ClickHouse has not confirmed, and where the oldest
+    unconfirmed record is, without a word per record on disk: a count, and (segment, offset,
+    receipt unix ms, events) of each record forwarded to the Batcher and not yet confirmed
+    (bounded by the MemoryLimit, which reserved them), in the order forwarded. Records not yet
+    forwarded are described by the Replay (spool/replay.py), which comes after them in log order."""
 
     def __init__(self) -> None:
-        self._records: collections.deque[tuple[int, int, int, int]] = collections.deque()
+        self._forwarded: collections.deque[tuple[int, int, int, int]] = collections.deque()
         self.events = 0
 
-    def track(self, position: SpoolPosition, received_ms: int, count: int) -> None:
-        self._records.append((position.segment, position.offset, received_ms, count))
+    def add(self, count: int) -> None:
+        """`count` more events are in the spool (appended, or found at open)."""
         self.events += count
 
-    def extend(self, records: list[tuple[int, int, int, int]], events: int) -> None:
-        """Adds `records` (in log order, after those tracked), holding `events` in all."""
-        self._records.extend(records)
-        self.events += events
+    def forwarded(self, segment: int, offset: int, received_ms: int, count: int) -> None:
+        self._forwarded.append((segment, offset, received_ms, count))
 
     def drop_before(self, confirmed: SpoolPosition) -> None:
-        records, segment, offset = self._records, confirmed.segment, confirmed.offset
+        records, segment, offset = self._forwarded, confirmed.segment, confirmed.offset
         while records and (records[0][0] < segment or (records[0][0] == segment and records[0][1] < offset)):
             self.events -= records.popleft()[3]
 
     @property
-    def oldest_unix(self) -> float:
-        """Receipt time of the oldest unconfirmed record, in unix seconds; 0 when there is none."""
-        return self._records[0][2] / 1000 if self._records else 0
+    def oldest_forwarded_ms(self) -> int | None:
+        """Receipt time (unix ms) of the oldest record forwarded and not confirmed, if any."""
+        return self._forwarded[0][2] if self._forwarded else None

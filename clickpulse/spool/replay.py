@@ -5,6 +5,13 @@ its events reserved in the MemoryLimit. Where it waits is decided once, by `Admi
 with its rows, or on disk only, to be read back (a run of neighbours at a time, off the event
 loop) when its turn comes. So a long ClickHouse outage fills the disk, not memory.
 
+Nor does the bookkeeping grow with the backlog: a record kept in memory has a tuple of its own
+(bounded by the MemoryLimit, like its rows), but the records waiting on disk are one range, from
+the first of them to the end of the log, described by a cursor: the position of the next one to
+read back, and its header once read. When their turn comes they are found again by scanning
+their segment from the cursor, in chunks, off the loop. Only a disk-waiting record whose request
+waits for its confirmation has an entry of its own (bounded by the requests waiting).
+
 At open, the batch that was in flight at a crash (the ledger's intent) is rebuilt with exactly
 its rows and forwarded first, as one whole `Batch`: ClickHouse may already have it, and only the
 same rows carry the same deduplication token.
@@ -14,15 +21,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import itertools
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from clickpulse.memory_limit import MemoryLimit
 from clickpulse.messages import Batch, Delivery, SpoolPosition, fail_waiter
-from clickpulse.spool.ledger import LedgerFile
-from clickpulse.spool.record import HEADER, Extent, scan_extents
+from clickpulse.spool.ledger import Intent, LedgerFile, Unconfirmed
+from clickpulse.spool.record import HEADER, MAGIC, Extent, scan_extents
 from clickpulse.spool.segments import Segments, segment_name
 
 READ_BACK_BYTES = 1 << 20  # the most read back from disk in one go
@@ -70,11 +77,13 @@ class Admission:
             self.on_disk -= 1
 
 
-# A record not yet handed to the Batcher: (segment, offset, end offset, events, received_at,
-# rows, confirmation). rows is None while it waits on disk only; received_at is None for a
-# recovered record (it counts from the moment the spool opened). A plain tuple: once it holds no
-# rows-waiter, the garbage collector stops tracking it, however long the spool's backlog.
-Waiting = tuple[int, int, int, int, float | None, bytes | None, "asyncio.Future[int] | None"]
+# A record kept in memory with its rows, not yet handed to the Batcher: (segment, offset, end
+# offset, events, received_at, rows, confirmation, receipt unix ms). received_at is None for a
+# recovered record (it counts from the moment the spool opened).
+Waiting = tuple[int, int, int, int, float | None, bytes, "asyncio.Future[int] | None", int]
+
+# The header of the next disk-waiting record: (events, payload length, receipt unix ms).
+Header = tuple[int, int, int]
 
 
 def rows_size(record: Waiting) -> int:
@@ -84,9 +93,12 @@ def rows_size(record: Waiting) -> int:
 
 @dataclass(slots=True)
 class Recovered:
-    waiting: list[Waiting]
+    kept: list[Waiting]  # the records admitted to memory, in log order
+    disk_start: SpoolPosition | None  # the first record waiting on disk, if any
+    disk_head: Header | None  # its header
     in_flight: Batch | None
-    unconfirmed: list[tuple[int, int, int, int]]  # (segment, offset, receipt unix ms, events)
+    in_flight_ms: list[int]  # the receipt time of each of its records
+    skip: Intent | None  # the in-flight batch's range: a disk read-back passes over it
     events: int  # in every unconfirmed record
     damaged_segments: int
 
@@ -97,45 +109,45 @@ def recover(ledger: LedgerFile, segments: Segments, admission: Admission, clock:
     intent = ledger.recover()
     start, end = ((intent[0].segment, intent[0].offset), (intent[1].segment, intent[1].offset)) if intent else ((0, 0), (0, 0))
     in_flight: list[tuple[bytes, int, SpoolPosition]] = []
-    waiting: list[Waiting] = []
-    unconfirmed: list[tuple[int, int, int, int]] = []
+    in_flight_ms: list[int] = []
+    kept: list[Waiting] = []
+    disk_start: SpoolPosition | None = None
+    disk_head: Header | None = None
     events = 0
 
     def take(number: int, data: bytes, extents: list[Extent]) -> None:
-        nonlocal events
-        header = HEADER.size
+        nonlocal events, disk_start, disk_head
+        header, base = HEADER.size, extents[0][0]
         for offset, record_end, count, received_ms in extents:
-            unconfirmed.append((number, offset, received_ms, count))
             events += count
             size = record_end - offset - header
             if start <= (number, offset) < end:  # the batch in flight: kept, to go first
                 admission.hold(count, size)
-                in_flight.append((data[offset + header : record_end], count, SpoolPosition(number, offset)))
+                in_flight.append((data[offset - base + header : record_end - base], count, SpoolPosition(number, offset)))
+                in_flight_ms.append(received_ms)
             elif admission.admit(count, size):
-                waiting.append((number, offset, record_end, count, None, data[offset + header : record_end], None))
-            else:
-                waiting.append((number, offset, record_end, count, None, None, None))
+                kept.append((number, offset, record_end, count, None, data[offset - base + header : record_end - base], None, received_ms))
+            elif disk_start is None:
+                disk_start, disk_head = SpoolPosition(number, offset), (count, size, received_ms)
 
     damaged = segments.recover(ledger.confirmed, take)
     now = clock()
     batch = Batch([Delivery(rows, count, now, position) for rows, count, position in in_flight], "replay") if in_flight else None
-    return Recovered(waiting, batch, unconfirmed, events, damaged)
+    return Recovered(kept, disk_start, disk_head, batch, in_flight_ms, intent if in_flight else None, events, damaged)
 
 
-def read_back(directory: Path, run: list[Waiting]) -> list[bytes]:
-    """Blocking. The rows of `run`, consecutive records of one segment, read in one go."""
-    segment, first, last = run[0][0], run[0][1], run[-1][2]
-    path = directory / segment_name(segment)
+def read_range(path: Path, offset: int, length: int) -> bytes:
+    """Blocking. `length` bytes of a segment from `offset` (fewer at its end)."""
     with open(path, "rb") as segment_file:
-        segment_file.seek(first)
-        data = segment_file.read(last - first)
-    extents, _ = scan_extents(data, first)
-    payloads = []
-    for index, record in enumerate(run):
-        if index >= len(extents) or extents[index][:2] != record[1:3]:
-            raise OSError(f"spool record at {SpoolPosition(segment, record[1])} in {path.name} no longer reads back intact")
-        payloads.append(data[record[1] - first + HEADER.size : record[2] - first])
-    return payloads
+        segment_file.seek(offset)
+        return segment_file.read(length)
+
+
+def parse_header(data: bytes | memoryview, at: int = 0) -> Header | None:
+    if len(data) - at < HEADER.size:
+        return None
+    magic, length, count, _, received_ms = HEADER.unpack_from(data, at)
+    return (count, length, received_ms) if magic == MAGIC else None
 
 
 class Replay:
@@ -146,14 +158,25 @@ class Replay:
         memory: MemoryLimit,
         deliver: Callable[[Delivery | Batch], None],
         synced: Callable[[], SpoolPosition],
+        segments: Segments,
+        unconfirmed: Unconfirmed,
     ) -> None:
         self._directory = directory
         self._memory = memory
         self._deliver = deliver
         self._synced = synced
+        self._segments = segments
+        self._unconfirmed = unconfirmed
         self.admission = Admission(memory)
-        self._queue: collections.deque[Waiting] = collections.deque()
+        self._kept: collections.deque[Waiting] = collections.deque()
+        # The records waiting on disk: from _disk_next to the end of the log (admission.on_disk of
+        # them, the in-flight batch's range passed over); None when there is none.
+        self._disk_next: SpoolPosition | None = None
+        self._disk_head: Header | None = None  # the header at _disk_next, once known
+        self._disk_waiters: dict[tuple[int, int], asyncio.Future[int]] = {}  # confirmations of disk-waiting records
+        self._skip: Intent | None = None
         self._in_flight: Batch | None = None
+        self._appended_from = SpoolPosition(0, 0)  # records before this were recovered
         self._opened_at = 0.0  # received_at of the recovered records
         self._forwardable = asyncio.Event()
         self._forwarding = True
@@ -167,25 +190,35 @@ class Replay:
         received_at: float,
         rows: bytes,
         confirmation: asyncio.Future[int] | None,
+        received_ms: int,
     ) -> None:
         """Queues a record just appended."""
-        kept = self.admission.admit(count, len(rows))
-        self._queue.append(
-            (position.segment, position.offset, end.offset, count, received_at, rows if kept else None, confirmation)
-        )
+        if self.admission.admit(count, len(rows)):
+            self._kept.append((position.segment, position.offset, end.offset, count, received_at, rows, confirmation, received_ms))
+            return
+        if self._disk_next is None:
+            self._disk_next, self._disk_head = position, (count, len(rows), received_ms)
+        if confirmation is not None:
+            self._disk_waiters[(position.segment, position.offset)] = confirmation
 
-    def load(self, recovered: Recovered, admission: Admission) -> None:
+    def load(self, recovered: Recovered, admission: Admission, appended_from: SpoolPosition) -> None:
         """Takes what recovery found (placed by `admission`), ahead of anything appended since."""
-        assert not self._queue, "recovered records go first"
+        assert not self._kept and self._disk_next is None, "recovered records go first"
         self.admission = admission
+        self._appended_from = appended_from
         self._opened_at = asyncio.get_running_loop().time()
-        self._queue.extend(recovered.waiting)
+        self._kept.extend(recovered.kept)
+        self._disk_next, self._disk_head = recovered.disk_start, recovered.disk_head
+        self._skip = recovered.skip
         batch = recovered.in_flight
         if batch is not None:
             # Nothing is forwarded before the spool is open, so the pipeline holds nothing yet
             # and the reservation succeeds.
             self._memory.try_reserve(batch.count, batch.size)
             admission.leave(True, batch.count, batch.size)
+            for delivery, received_ms in zip(batch.deliveries, recovered.in_flight_ms):
+                assert delivery.position is not None
+                self._unconfirmed.forwarded(delivery.position.segment, delivery.position.offset, received_ms, delivery.count)
             self._in_flight = batch
         self._forwardable.set()
 
@@ -199,79 +232,166 @@ class Replay:
 
     def fail_waiters(self, error: BaseException) -> None:
         """These records will not be forwarded in this process: their requests learn it now."""
-        for record in self._queue:
+        for record in self._kept:
             fail_waiter(record[6], error)
+        for waiter in self._disk_waiters.values():
+            fail_waiter(waiter, error)
+        self._disk_waiters.clear()
+
+    @property
+    def oldest_waiting_ms(self) -> int | None:
+        """Receipt time (unix ms) of the first record not yet forwarded, in log order, if known."""
+        if self._kept:
+            return self._kept[0][7]
+        if self._disk_next is not None and self._disk_head is not None:
+            return self._disk_head[2]
+        return None
 
     async def forward_loop(self) -> None:
-        queue, memory = self._queue, self._memory
+        kept, memory = self._kept, self._memory
         while self._forwarding:
             if self._in_flight is not None:
                 batch, self._in_flight = self._in_flight, None
                 self._deliver(batch)
                 continue
-            head = queue[0] if queue else None
-            if head is None or self._not_synced(head):
-                self._forwardable.clear()
-                await self._forwardable.wait()
-                continue
-            count, rows, size = head[3], head[5], rows_size(head)
-            if not memory.try_reserve(count, size):
-                await memory.reserve(count, size, None)
-                if not self._forwarding:
-                    memory.release(count, size)
+            if kept:
+                head = kept[0]
+                if self._not_synced(head[0], head[2]):
+                    await self._wait_forwardable()
+                    continue
+                count, size = head[3], rows_size(head)
+                if not await self._reserve(count, size):
                     return
-            if rows is None:
-                await self._forward_from_disk(head)
-            else:
-                queue.popleft()
+                kept.popleft()
                 self.admission.leave(True, count, size)
-                await self._forward(head, rows)
+                await self._forward(head[0], head[1], count, head[4], head[5], head[6], head[7])
+            elif self._disk_next is not None:
+                if not await self._forward_from_disk(self._disk_next):
+                    await self._wait_forwardable()
+            else:
+                await self._wait_forwardable()
 
-    def _not_synced(self, record: Waiting) -> bool:
+    async def _wait_forwardable(self) -> None:
+        self._forwardable.clear()
+        await self._forwardable.wait()
+
+    async def _reserve(self, count: int, size: int) -> bool:
+        """Reserves, waiting as long as it takes; False (nothing reserved) once stopped."""
+        memory = self._memory
+        if not memory.try_reserve(count, size):
+            await memory.reserve(count, size, None)
+            if not self._forwarding:
+                memory.release(count, size)
+                return False
+        return True
+
+    def _not_synced(self, segment: int, end: int) -> bool:
         synced = self._synced()
-        return record[0] > synced.segment or (record[0] == synced.segment and record[2] > synced.offset)
+        return segment > synced.segment or (segment == synced.segment and end > synced.offset)
 
-    async def _forward(self, record: Waiting, rows: bytes) -> None:
-        segment, offset, _, count, received_at, _, confirmation = record
+    def _readable_end(self, segment: int) -> int:
+        """Where the fsynced whole records of `segment` end."""
+        synced = self._synced()
+        if segment > synced.segment:
+            return 0
+        size = self._segments.size_of(segment)
+        return min(size, synced.offset) if segment == synced.segment else size
+
+    async def _forward(
+        self,
+        segment: int,
+        offset: int,
+        count: int,
+        received_at: float | None,
+        rows: bytes,
+        confirmation: asyncio.Future[int] | None,
+        received_ms: int,
+    ) -> None:
         at = self._opened_at if received_at is None else received_at
+        self._unconfirmed.forwarded(segment, offset, received_ms, count)
         self._deliver(Delivery(rows, count, at, SpoolPosition(segment, offset), confirmation))
         self._since_yield += 1
         if self._since_yield >= YIELD_EVERY:  # a long replay must not starve requests and probes
             self._since_yield = 0
             await asyncio.sleep(0)
 
-    async def _forward_from_disk(self, head: Waiting) -> None:
-        """Reads back `head` (its events reserved) and the on-disk records right after it that
-        are fsynced and fit in memory now, in one go off the loop; then forwards them."""
+    def _received_at(self, position: SpoolPosition, received_ms: int) -> float | None:
+        """A disk-waiting record's received_at, on the loop's clock, from its receipt time."""
+        if position < self._appended_from:
+            return None
+        return asyncio.get_running_loop().time() - max(0.0, time.time() - received_ms / 1000)
+
+    def _skipped(self, position: SpoolPosition) -> bool:
+        return self._skip is not None and self._skip[0] <= position < self._skip[1]
+
+    async def _forward_from_disk(self, position: SpoolPosition) -> bool:
+        """Reads back the record at the cursor (its events reserved first) and the disk-waiting
+        records right after it that are fsynced and fit in memory now, in one go off the loop;
+        forwards them and moves the cursor. False when the cursor's record is not fsynced yet."""
+        segment, offset = position.segment, position.offset
+        if self._segments.gone:  # its name may be another directory's file now
+            return False
+        readable = self._readable_end(segment)
+        if offset >= readable:
+            following = self._segments.next_after(segment)
+            if offset < self._segments.size_of(segment) or following is None or self._not_synced(following, 0):
+                return False
+            self._disk_next, self._disk_head = SpoolPosition(following, 0), None  # that segment is done
+            return True
+        path = self._directory / segment_name(segment)
+        head = self._disk_head
+        if head is None:
+            head = parse_header(await asyncio.to_thread(read_range, path, offset, HEADER.size))
+            if head is None:
+                raise OSError(f"spool record at {position} in {path.name} no longer reads back intact")
+            self._disk_head = head
+        count, length, _ = head
+        whole = HEADER.size + length
+        if offset + whole > readable:
+            return False
+        if self._skipped(position):  # the in-flight batch, forwarded first at open
+            self._disk_next, self._disk_head = SpoolPosition(segment, offset + whole), None
+            return True
+        if not await self._reserve(count, length):
+            return True
         memory = self._memory
-        run, size = [head], head[2] - head[1]
-        for record in itertools.islice(self._queue, 1, None):
-            segment, offset, end, count, _, rows, _ = record
-            if rows is not None or segment != head[0] or offset != run[-1][2]:
-                break
-            if (
-                size + end - offset > READ_BACK_BYTES
-                or self._not_synced(record)
-                or not memory.try_reserve(count, rows_size(record))
-            ):
-                break
-            run.append(record)
-            size += end - offset
+        # As much as could fit in memory once the head is in (every record holds an event and
+        # its header), within READ_BACK_BYTES, and the header after it, to know the next head.
+        room = max(0, memory.capacity_bytes - memory.held_bytes) + HEADER.size * max(0, memory.capacity_events - memory.held)
+        want = whole + min(READ_BACK_BYTES, room) + HEADER.size
         try:
-            payloads = await asyncio.to_thread(read_back, self._directory, run)
+            data = await asyncio.to_thread(read_range, path, offset, min(want, readable - offset))
+            extents, _ = scan_extents(data, offset)
+            if not extents or extents[0][:2] != (offset, offset + whole):
+                raise OSError(f"spool record at {position} in {path.name} no longer reads back intact")
         except BaseException:
-            memory.release(sum(record[3] for record in run), sum(rows_size(record) for record in run))
+            memory.release(count, length)
             raise
-        delivered = 0
-        try:
-            for record, rows in zip(run, payloads):
-                if not self._forwarding:  # the rest stays in the spool for the next start
-                    break
-                self._queue.popleft()
-                self.admission.leave(False, record[3], rows_size(record))
-                delivered += 1
-                await self._forward(record, rows)
-        finally:
-            if delivered < len(run):
-                left = run[delivered:]
-                memory.release(sum(record[3] for record in left), sum(rows_size(record) for record in left))
+        at = offset  # where the cursor goes: after the last record forwarded or passed over
+        for index, (start, end, count, received_ms) in enumerate(extents):
+            here = SpoolPosition(segment, start)
+            if index and self._skipped(here):
+                at = end
+                continue
+            size = end - start - HEADER.size
+            if not self._forwarding:  # the rest stays in the spool for the next start
+                if not index:
+                    memory.release(count, size)
+                break
+            if index and not memory.try_reserve(count, size):
+                break
+            self.admission.leave(False, count, size)
+            at = end
+            last = not self.admission.on_disk
+            if last:  # from now on a new record may be kept, or start a range of its own
+                self._disk_next, self._disk_head = None, None
+            await self._forward(
+                segment, start, count, self._received_at(here, received_ms),
+                data[start - offset + HEADER.size : end - offset], self._disk_waiters.pop((segment, start), None),
+                received_ms,
+            )
+            if last:
+                return True
+        self._disk_next = SpoolPosition(segment, at)
+        self._disk_head = parse_header(data, at - offset)
+        return True
