@@ -229,9 +229,10 @@ class Service:
             # Recovery runs off the event loop. A short one is over before HTTP listens; a long
             # one goes on while HTTP already answers (/healthz live, /readyz not ready, intake 503),
             # and the spool's own task waits for it.
-            opening = asyncio.create_task(pipeline.buffering.open())
+            self._opening = opening = asyncio.create_task(pipeline.buffering.open())
             await asyncio.wait({opening}, timeout=RECOVERY_WAIT_SECONDS)
-            self._opening = opening
+            if opening.done():
+                opening.result()  # SpoolDirInUse: another process holds SPOOL_DIR (exit 2)
             for name, run in pipeline.actors.items():
                 self._start_actor(name, run())
             await self._runner.setup()
