@@ -85,7 +85,7 @@ class ClickHouseConnection(Protocol):
 
     async def insert(self, database: str, table: str, body: bytes, deduplication_token: str | None) -> None: ...
 
-    async def query_text(self, sql: str, database: str) -> str: ...
+    async def query_text(self, sql: str, database: str, output_format: str = "PrettyCompactMonoBlock") -> str: ...
 
     async def close(self) -> None: ...
 
@@ -121,8 +121,8 @@ class HttpClickHouse:
         settings = {"insert_deduplication_token": deduplication_token} if deduplication_token else {}
         await self._insert_client.insert_file(insert_query(database, table, settings), body)
 
-    async def query_text(self, sql: str, database: str) -> str:
-        params = {"query": sql, "database": database, "default_format": "PrettyCompactMonoBlock"}
+    async def query_text(self, sql: str, database: str, output_format: str = "PrettyCompactMonoBlock") -> str:
+        params = {"query": sql, "database": database, "default_format": output_format}
         headers = {"X-ClickHouse-User": self._target.user or "default"}
         if self._target.password:
             headers["X-ClickHouse-Key"] = self._target.password
@@ -145,7 +145,7 @@ class EmbeddedClickHouse:
         except ImportError:
             raise EmbeddedUnavailable(
                 "CLICKHOUSE_DSN is unset and the embedded store needs chdb: "
-                "pip install 'clickpulse[embedded]', or set CLICKHOUSE_DSN to a ClickHouse server"
+                "pip install -e '.[embedded]' in the clickpulse checkout, or set CLICKHOUSE_DSN to a ClickHouse server"
             ) from None
         self.lock = DataDirLock(data_dir)
         self.path = data_dir / "chdb"
@@ -171,9 +171,9 @@ class EmbeddedClickHouse:
             settings["insert_deduplication_token"] = deduplication_token
         await self._run(f"{insert_query(database, table, settings)}\n{body.decode()}")
 
-    async def query_text(self, sql: str, database: str) -> str:
+    async def query_text(self, sql: str, database: str, output_format: str = "PrettyCompactMonoBlock") -> str:
         # The embedded store keeps its tables in its current database, `default`.
-        return await self._run(sql, "PrettyCompactMonoBlock")
+        return await self._run(sql, output_format)
 
     async def close(self) -> None:
         loop = asyncio.get_running_loop()

@@ -22,6 +22,7 @@ import aiohttp
 from aiohttp import web
 from aioprometheus import Registry
 
+from clickpulse.access_log import AccessLogger, access_logger
 from clickpulse.batcher import Batcher
 from clickpulse.clickhouse import ClickHouseConnection, EmbeddedClickHouse, HttpClickHouse
 from clickpulse.config import Config
@@ -147,9 +148,9 @@ def build_pipeline(config: Config, metrics: PipelineMetrics) -> Pipeline:
         # Through the same connection as the Writer's inserts: the embedded store admits one user.
         store, timeout = embedded, config.clickhouse_timeout
 
-        async def query(sql: str) -> str:
+        async def query(sql: str, output_format: str) -> str:
             async with asyncio.timeout(timeout):
-                return await store.query_text(sql, "default")
+                return await store.query_text(sql, "default", output_format)
 
     pipeline: Pipeline
     http = HttpApp(
@@ -195,7 +196,8 @@ class Service:
         # is cancelled: the HTTP drain takes at most half of SHUTDOWN_TIMEOUT, inside its deadline.
         http_drain = min(HTTP_DRAIN_SECONDS, config.shutdown_timeout / 4)
         self._runner = web.AppRunner(
-            self.pipeline.http.build(), access_log=None, handle_signals=False, shutdown_timeout=http_drain
+            self.pipeline.http.build(), handle_signals=False, shutdown_timeout=http_drain,
+            access_log=access_logger(config.access_log), access_log_class=AccessLogger,
         )
 
     async def start(self) -> None:

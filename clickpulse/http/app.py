@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 
@@ -22,9 +23,19 @@ log = logging.getLogger("clickpulse.http")
 METHOD_LABELS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 LOOPBACK_ADDRESSES = frozenset({"127.0.0.1", "::1"})
 READ_ONLY_STATEMENTS = frozenset({"SELECT", "WITH", "SHOW", "DESCRIBE", "DESC", "EXISTS", "EXPLAIN"})
+# The output formats POST /query?format= may ask for; the first is the default.
+QUERY_FORMATS = ("PrettyCompactMonoBlock", "JSONCompact", "TSV", "TSVWithNames", "CSV", "CSVWithNames", "JSONEachRow")
+_LEADING_COMMENTS = re.compile(r"(?:\s|--[^\n]*(?:\n|$)|/\*.*?\*/)*", re.DOTALL)
+
+
+def first_keyword(sql: str) -> str:
+    """The statement's first word, upper-cased, after any leading `--` and `/* */` comments."""
+    rest = sql[_LEADING_COMMENTS.match(sql).end():]  # type: ignore[union-attr]  # `*` always matches
+    words = rest.split(None, 1)
+    return re.split(r"[^A-Za-z]", words[0], maxsplit=1)[0].upper() if words else ""
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-Query = Callable[[str], Awaitable[str]]
+Query = Callable[[str, str], Awaitable[str]]  # (sql, output format) → the result's text
 
 
 class HttpApp:
@@ -78,14 +89,16 @@ class HttpApp:
         assert self._query is not None
         if request.remote not in LOOPBACK_ADDRESSES:
             return json_response(403, {"error": "queries are answered only from this machine"})
+        output_format = request.query.get("format", QUERY_FORMATS[0])
+        if output_format not in QUERY_FORMATS:
+            return json_response(400, {"error": f"format must be one of {', '.join(QUERY_FORMATS)}"})
         sql = (await request.text()).strip()
-        first_word = sql.split(None, 1)[0].upper() if sql else ""
-        if first_word not in READ_ONLY_STATEMENTS:
+        if first_keyword(sql) not in READ_ONLY_STATEMENTS:
             return json_response(400, {
                 "error": f"only statements that read: {', '.join(sorted(READ_ONLY_STATEMENTS))}",
             })
         try:
-            text = await self._query(sql)
+            text = await self._query(sql, output_format)
         except Exception as error:  # noqa: BLE001 - ClickHouse's own message is the answer
             message = str(error).strip()
             return json_response(400, {"error": message.splitlines()[0] if message else repr(error)})
