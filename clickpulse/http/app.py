@@ -1,6 +1,6 @@
 """The aiohttp application: routes, the observing middleware (every request counted and timed
 by route template, HTTP errors answered in JSON), and the operational routes: /healthz, /readyz,
-/metrics and, with the embedded store, /query."""
+/metrics, /openapi.json (clickpulse/openapi.py) and, with the embedded store, /query."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from clickpulse.http.events import EventsEndpoint
 from clickpulse.http.responses import Rejections, json_response
 from clickpulse.messages import AckMode
 from clickpulse.metrics import PipelineMetrics
+from clickpulse.openapi import QUERY_FORMATS, encoded_document
 from clickpulse.ports import IntakePort
 
 log = logging.getLogger("clickpulse.http")
@@ -23,8 +24,6 @@ log = logging.getLogger("clickpulse.http")
 METHOD_LABELS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 LOOPBACK_ADDRESSES = frozenset({"127.0.0.1", "::1"})
 READ_ONLY_STATEMENTS = frozenset({"SELECT", "WITH", "SHOW", "DESCRIBE", "DESC", "EXISTS", "EXPLAIN"})
-# The output formats POST /query?format= may ask for; the first is the default.
-QUERY_FORMATS = ("PrettyCompactMonoBlock", "JSONCompact", "TSV", "TSVWithNames", "CSV", "CSVWithNames", "JSONEachRow")
 _LEADING_COMMENTS = re.compile(r"(?:\s|--[^\n]*(?:\n|$)|/\*.*?\*/)*", re.DOTALL)
 
 
@@ -55,6 +54,7 @@ class HttpApp:
         self._max_body_bytes = max_body_bytes
         self._not_ready_reason = not_ready_reason
         self._query = query
+        self._openapi = encoded_document(with_query=query is not None)
         self._metrics = metrics
         self._draining = False
         self.events = EventsEndpoint(
@@ -75,6 +75,7 @@ class HttpApp:
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/metrics", self.metrics)
+        app.router.add_get("/openapi.json", self.openapi)
         if self._query is not None:
             app.router.add_post("/query", self.run_query)
         return app
@@ -103,6 +104,9 @@ class HttpApp:
             message = str(error).strip()
             return json_response(400, {"error": message.splitlines()[0] if message else repr(error)})
         return web.Response(text=text, content_type="text/plain")
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        return web.Response(body=self._openapi, content_type="application/json")
 
     async def healthz(self, request: web.Request) -> web.Response:
         return json_response(200, {"status": "ok"})
