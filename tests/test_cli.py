@@ -4,10 +4,12 @@ configuration errors a failed start turns into (one line naming the setting, exi
 from __future__ import annotations
 
 import errno
+import logging
 import re
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -84,8 +86,22 @@ def test_an_unresolvable_http_host_exits_2_with_one_line_naming_it(python_env: d
     assert line.startswith("clickpulse: invalid HTTP_HOST='bad..host'")
 
 
+@pytest.fixture
+def restored_logging() -> Iterator[None]:
+    """main() configures the root logger for the process; a test that calls it in-process must
+    leave logging as it found it, or later tests' caplog sees nothing."""
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    levels = {name: logging.getLogger(name).level for name in ("aiohttp.access", "asyncio")}
+    yield
+    root.handlers[:], root.level = saved[0], saved[1]
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+
+
 def test_a_bind_failure_during_start_is_one_line_exit_2_and_closes_everything(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], recwarn: pytest.WarningsRecorder
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], recwarn: pytest.WarningsRecorder,
+    restored_logging: None,
 ) -> None:
     # The port is taken between the check and the start: Service.start fails, closes what it
     # opened, and the OSError becomes the same one line.

@@ -56,6 +56,10 @@ def test_the_first_screen_has_the_start_and_test_commands_that_ci_runs() -> None
     first_block = re.search(r"```sh\n(.*?)```", README, re.S).group(1)
     commands = [line for line in first_block.splitlines() if line and not line.startswith("#")]
     assert commands[0].endswith("python3 -m clickpulse")
+    # Works where the system Python refuses `pip install` (Debian, Ubuntu) and on macOS: the first
+    # command makes the virtual environment itself, the second uses the same one.
+    assert commands[0].startswith("python3 -m venv .venv && . .venv/bin/activate && pip install -e '.[embedded]'")
+    assert commands[1].startswith(". .venv/bin/activate && pip install -e '.[test]'")
     test_command = commands[1].split("&&")[-1].strip()
     ci_script = (ROOT / ".ci" / "run").read_text()
     assert test_command in ci_script.splitlines()
