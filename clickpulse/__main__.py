@@ -1,4 +1,5 @@
-"""`python -m clickpulse`: flags and environment → Config → run the service."""
+"""`python -m clickpulse`: flags and environment → Config → run the service, check the
+configuration (--check-config) or run one query (`query SQL`)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from collections.abc import Sequence
 
 import msgspec
 
+from clickpulse.check import check_config, listen_problem, start_error
 from clickpulse.clickhouse import EmbeddedUnavailable
-from clickpulse.config import Config, ConfigError, load_config
+from clickpulse.config import Config, ConfigError, load_config, parse_command_line
 from clickpulse.query import QueryFailed, run_query
 from clickpulse.service import serve
 from clickpulse.spool import SpoolDirInUse
@@ -21,19 +23,23 @@ EXIT_CONFIG_ERROR = 2
 
 
 class JsonLogFormatter(logging.Formatter):
-    """One JSON object per line, for log shippers."""
+    """One JSON object per line, for log shippers. A record's `fields` (a dict passed as
+    `extra={"fields": ...}`) become top-level keys: the access log's method, path, status, ..."""
 
     def __init__(self) -> None:
         super().__init__()
         self._encoder = msgspec.json.Encoder()
 
     def format(self, record: logging.LogRecord) -> str:
-        entry = {
+        entry: dict[str, object] = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
         }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            entry.update({key: value for key, value in fields.items() if key not in entry})
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return self._encoder.encode(entry).decode()
@@ -50,28 +56,30 @@ def configure_logging(config: Config) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(config.log_level)
-    # aiohttp logs each access and client disconnect at INFO; that is noise at our rates.
+    # aiohttp's own access log and asyncio's selector line are noise at any level; requests are
+    # logged by clickpulse.access (ACCESS_LOG=true), flushes and inserts at DEBUG.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-
-
-QUERY_USAGE = 'usage: python -m clickpulse query "SELECT ..." [flags]'
+    logging.getLogger("asyncio").setLevel(logging.WARNING)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
-    sql = None
-    if arguments[:1] == ["query"]:
-        if len(arguments) < 2 or arguments[1].startswith("-"):
-            print(f"clickpulse: {QUERY_USAGE}", file=sys.stderr)
-            return EXIT_CONFIG_ERROR
-        sql, arguments = arguments[1], arguments[2:]
     try:
+        command_line = parse_command_line(arguments)
         config = load_config(arguments, os.environ)
     except ConfigError as error:
         print(f"clickpulse: {error}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
-    if sql is not None:
-        return query_command(config, sql)
+    except SystemExit as exit:  # --help, --version, query --help: printed, and that is all
+        return exit.code if isinstance(exit.code, int) else 0
+    if command_line.command == "query":
+        return query_command(config, command_line.sql, command_line.format)
+    if command_line.check_config:
+        return asyncio.run(check_config(config, sys.stdout))
+    problem = listen_problem(config)
+    if problem is not None:
+        print(f"clickpulse: {problem}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
     configure_logging(config)
     try:
         return asyncio.run(serve(config))
@@ -81,20 +89,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except OSError as error:
-        # The listening socket is the usual suspect: port in use, address not available.
-        logging.getLogger("clickpulse").error("cannot start: %s", error)
-        return 1
+        # Service.start closed everything it had opened; what is left is to say which setting.
+        print(f"clickpulse: {start_error(config, error)}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
 
 
-def query_command(config: Config, sql: str) -> int:
+def query_command(config: Config, sql: str, output_format: str = "table") -> int:
     try:
-        print(asyncio.run(run_query(config, sql)), end="")
+        output = asyncio.run(run_query(config, sql, output_format, colour=sys.stdout.isatty()))
     except EmbeddedUnavailable as error:
         print(f"clickpulse: {error}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     except QueryFailed as error:
         print(f"clickpulse: query failed: {error}", file=sys.stderr)
-        return 1
+        return error.exit_status
+    sys.stdout.write(output)
     return 0
 
 

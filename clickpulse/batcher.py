@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 from collections.abc import Awaitable, Callable
 
 from clickpulse.messages import STOP, Batch, Delivery, PipelineDown, Stop, fail_waiter
 from clickpulse.metrics import BatcherMetrics, FlushCause
+
+log = logging.getLogger("clickpulse.batcher")
 
 
 class EventMailbox:
@@ -167,6 +170,12 @@ class Batcher:
         self._metrics.batch_flushes.inc({"trigger": trigger})
         self._metrics.batch_size.set({}, batch.count)
         self._metrics.batch_rows.observe({}, batch.count)
+        if log.isEnabledFor(logging.DEBUG) and batch.deliveries:
+            log.debug(
+                "flush (%s): %d events from %d requests; the oldest waited %.3fs",
+                trigger, batch.count, len(batch.deliveries),
+                asyncio.get_running_loop().time() - batch.oldest_received_at,
+            )
         await self._hand_to_writer(batch)
 
     def oldest_event_age(self) -> float:

@@ -90,8 +90,10 @@ class ClickHouseConnection(Protocol):
         can tell whether it still runs; the embedded store has no use for it."""
         ...
 
-    async def query_text(self, sql: str, database: str, time_limit: float | None = None) -> str:
-        """A statement's result as a table of text; `time_limit` is ClickHouse's own
+    async def query_text(
+        self, sql: str, database: str, output_format: str = "PrettyCompactMonoBlock", time_limit: float | None = None
+    ) -> str:
+        """A statement's result as text in `output_format`; `time_limit` is ClickHouse's own
         max_execution_time, so the server stops a query the caller no longer waits for."""
         ...
 
@@ -141,8 +143,10 @@ class HttpClickHouse:
                 text = (await response.read()).decode(errors="replace").strip()
                 raise ChClientError(text or f"HTTP {response.status} with an empty body")
 
-    async def query_text(self, sql: str, database: str, time_limit: float | None = None) -> str:
-        params = {"query": sql, "database": database, "default_format": "PrettyCompactMonoBlock"}
+    async def query_text(
+        self, sql: str, database: str, output_format: str = "PrettyCompactMonoBlock", time_limit: float | None = None
+    ) -> str:
+        params = {"query": sql, "database": database, "default_format": output_format}
         if time_limit is not None:
             params["max_execution_time"] = str(max(1, round(time_limit)))
         async with self._session.post(self._target.url, params=params, headers=self._headers) as response:
@@ -164,7 +168,7 @@ class EmbeddedClickHouse:
         except ImportError:
             raise EmbeddedUnavailable(
                 "CLICKHOUSE_DSN is unset and the embedded store needs chdb: "
-                "pip install 'clickpulse[embedded]', or set CLICKHOUSE_DSN to a ClickHouse server"
+                "pip install -e '.[embedded]' in the clickpulse checkout, or set CLICKHOUSE_DSN to a ClickHouse server"
             ) from None
         self.lock = DataDirLock(data_dir)
         self.path = data_dir / "chdb"
@@ -204,20 +208,22 @@ class EmbeddedClickHouse:
             if not self._inserts_waiting:
                 self._no_insert_waiting.set()
 
-    async def query_text(self, sql: str, database: str, time_limit: float | None = None) -> str:
+    async def query_text(
+        self, sql: str, database: str, output_format: str = "PrettyCompactMonoBlock", time_limit: float | None = None
+    ) -> str:
         # The embedded store keeps its tables in its current database, `default`.
         while self._inserts_waiting:
             await self._no_insert_waiting.wait()
         seconds = max(1, round(time_limit)) if time_limit is not None else 0
         loop = asyncio.get_running_loop()
-        result = await loop.run_in_executor(self._executor, self._query_with_limit, sql, seconds)
+        result = await loop.run_in_executor(self._executor, self._query_with_limit, sql, output_format, seconds)
         return str(result)
 
-    def _query_with_limit(self, sql: str, seconds: int) -> object:
+    def _query_with_limit(self, sql: str, output_format: str, seconds: int) -> object:
         """Blocking, on the chDB thread: the limit holds for this statement only."""
         self._session.query(f"SET max_execution_time = {seconds}")
         try:
-            return self._session.query(sql, "PrettyCompactMonoBlock")
+            return self._session.query(sql, output_format)
         finally:
             self._session.query("SET max_execution_time = 0")
 

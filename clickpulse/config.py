@@ -72,6 +72,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     shutdown_timeout: float = 30.0
     log_level: str = "INFO"
     log_format: str = "text"
+    access_log: bool = False
 
 
 
@@ -282,9 +283,11 @@ SETTINGS: tuple[Setting, ...] = (
             "when POST /events answers: memory, disk (needs SPOOL_DIR) or clickhouse"),
     Setting("ACK_TIMEOUT", "ack_timeout", _positive_duration, "longest wait for ClickHouse in ack mode clickhouse (504)"),
     Setting("CLICKHOUSE_DOWN_GRACE", "clickhouse_down_grace", _positive_duration,
-            "how long ClickHouse may not answer before /readyz reports 503"),
-    Setting("LOG_LEVEL", "log_level", _choice(LOG_LEVELS, str.upper), "DEBUG, INFO, WARNING, ERROR"),
+            "how long ClickHouse may stop answering before /readyz reports 503 (at start: 503 until it answers)"),
+    Setting("LOG_LEVEL", "log_level", _choice(LOG_LEVELS, str.upper),
+            f"{', '.join(LOG_LEVELS)}; DEBUG adds a line per flush and per insert"),
     Setting("LOG_FORMAT", "log_format", _choice(LOG_FORMATS, str.lower), "text or json"),
+    Setting("ACCESS_LOG", "access_log", _boolean, "one log line per HTTP request, in LOG_FORMAT"),
 )
 
 
@@ -292,26 +295,115 @@ def _flag(setting: Setting) -> str:
     return "--" + setting.variable.lower().replace("_", "-")
 
 
+# What a default depends on, where it is not a plain value.
+_DEFAULT_REMARKS = {"ack_mode": "disk with SPOOL_DIR"}
+
+
+def shown_default(setting: Setting) -> str:
+    """A setting's default as a user would write it: `1s`, `1GiB`, `true`; `unset` for none.
+    `setting.parse(shown_default(setting))` gives the default back (except for `unset`)."""
+    value = getattr(Config(), setting.field)
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if setting.parse is _positive_duration:
+        return _shown_duration(value)
+    if setting.parse is parse_size:
+        for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+            if value % size == 0:
+                return f"{value // size}{unit}"
+    return str(value)
+
+
+def _shown_duration(seconds: float) -> str:
+    if seconds < 1:
+        return f"{seconds * 1000:g}ms"
+    for unit, size in (("h", 3600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
+
+
 class _OneLineArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         raise ConfigError(f"command line: {_without_password(message)}")
 
 
+QUERY_FORMATS = ("table", "TSV", "TSVWithNames", "CSV", "CSVWithNames", "JSONEachRow")
+
+
+def _query_format(text: str) -> str:
+    for name in QUERY_FORMATS:
+        if name.lower() == text.strip().lower():
+            return name
+    raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(QUERY_FORMATS)}")
+
+
 def build_argument_parser() -> argparse.ArgumentParser:
+    """The whole command line: the settings flags, --version, --check-config and the `query`
+    command (which takes the same settings flags, before or after its SQL)."""
+    from clickpulse import __version__
+
+    settings = _OneLineArgumentParser(add_help=False)
+    group = settings.add_argument_group("settings (each flag is also the environment variable in brackets; the flag wins)")
+    for setting in SETTINGS:
+        remark = _DEFAULT_REMARKS.get(setting.field)
+        default = shown_default(setting) + (f"; {remark}" if remark else "")
+        group.add_argument(
+            _flag(setting), dest=setting.field, metavar="VALUE", default=argparse.SUPPRESS,
+            help=f"{setting.help} [{setting.variable}; default: {default}]".replace("%", "%%"),
+        )
     parser = _OneLineArgumentParser(
         prog="python -m clickpulse",
-        description="HTTP event collector that batches events into ClickHouse. "
-        "Every flag can also be set by the environment variable in its help.",
+        usage="%(prog)s [--check-config] [SETTING FLAGS]\n       %(prog)s query SQL [--format FORMAT] [SETTING FLAGS]"
+        "\n       %(prog)s --version | --help | query --help",
+        description="HTTP event collector that batches events into ClickHouse. Without a command it "
+        "runs the service. Durations take 500ms, 5s, 1m30s, 2h or plain seconds; sizes 512MiB, 1GiB or bytes.",
+        parents=[settings],
+        epilog="A bad setting exits with status 2 and one line naming it. Documentation: docs/configuration.md.",
     )
-    for setting in SETTINGS:
-        parser.add_argument(_flag(setting), dest=setting.field, metavar="VALUE", help=f"{setting.help} [{setting.variable}]")
+    parser.add_argument("--version", action="version", version=f"clickpulse {__version__}")
+    parser.add_argument(
+        "--check-config", action="store_true",
+        help="parse the configuration, connect to ClickHouse, check the table and the grants, "
+        "print what the service would do, and exit: 0 when it would start, 2 when not",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands", parser_class=_OneLineArgumentParser)
+    query = commands.add_parser(
+        "query", parents=[settings], usage="python -m clickpulse query SQL [--format FORMAT] [SETTING FLAGS]", help="print the result of one read-only SQL statement (see query --help)",
+        description="Runs one read-only statement against the ClickHouse the configuration points at "
+        "(CLICKHOUSE_DSN, or the embedded store in DATA_DIR, through the running service if one holds it) "
+        "and prints its result: a table for people (coloured on a terminal), or --format for programs.",
+    )
+    query.add_argument("sql", metavar="SQL", help='the statement, e.g. "SELECT event_type, count() FROM events GROUP BY event_type"')
+    query.add_argument(
+        "--format", type=_query_format, default="table", metavar="FORMAT",
+        help=f"output format: {', '.join(QUERY_FORMATS)} (ClickHouse's formats of those names); default: table",
+    )
     return parser
+
+
+def parse_command_line(argv: Sequence[str]) -> argparse.Namespace:
+    """The parsed flags, `command` (None or "query") with its `sql` and `format`, `check_config`."""
+    try:
+        return build_argument_parser().parse_args(list(argv))
+    except ConfigError as error:
+        # An unknown flag's value reads as an unknown command: name the flag, the real mistake.
+        if "argument COMMAND: invalid choice" in str(error):
+            unknown = [argument for argument in argv if argument.startswith("--") and argument.split("=", 1)[0] not in _FLAGS]
+            if unknown:
+                raise ConfigError(f"command line: unrecognized arguments: {' '.join(unknown)}") from None
+        raise
+
+
+_FLAGS = frozenset({_flag(setting) for setting in SETTINGS} | {"--version", "--check-config", "--help", "--format"})
 
 
 def load_config(argv: Sequence[str] = (), environ: Mapping[str, str] | None = None) -> Config:
     """Flags win over environment variables, which win over defaults."""
     environ = {} if environ is None else environ
-    flags = vars(build_argument_parser().parse_args(list(argv)))
+    flags = vars(parse_command_line(argv))
     values: dict[str, Any] = {}
     for setting in SETTINGS:
         from_flag = flags.get(setting.field)

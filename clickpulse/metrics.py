@@ -50,7 +50,7 @@ BATCH_BYTES_BUCKETS = (1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777
 END_TO_END_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
                       900.0, 3600.0, INF)
 
-# The label names of every labelled metric (all others have none). The README's metrics table and
+# The label names of every labelled metric (all others have none). The metrics table of docs/observability.md and
 # the integration tests hold the code to this.
 METRIC_LABELS: Mapping[str, tuple[str, ...]] = MappingProxyType({
     "http_requests_total": ("method", "path", "status"),

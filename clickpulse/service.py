@@ -22,6 +22,7 @@ import aiohttp
 from aiohttp import web
 from aioprometheus import Registry
 
+from clickpulse.access_log import AccessLogger, access_logger
 from clickpulse.batcher import Batcher
 from clickpulse.clickhouse import ClickHouseConnection, EmbeddedClickHouse, HttpClickHouse
 from clickpulse.config import Config
@@ -155,10 +156,10 @@ def build_pipeline(config: Config, metrics: PipelineMetrics) -> Pipeline:
         # Through the same connection as the Writer's inserts: the embedded store admits one user.
         store, time_limit = embedded, config.query_timeout
 
-        async def query(sql: str) -> str:
+        async def query(sql: str, output_format: str) -> str:
             # The server-side limit ends the statement; this one, a little later, the wait for it.
             async with asyncio.timeout(time_limit + 5):
-                return await store.query_text(sql, "default", time_limit)
+                return await store.query_text(sql, "default", output_format, time_limit)
 
     def listening(url: str) -> None:
         if embedded is not None:
@@ -220,7 +221,8 @@ class Service:
         # is cancelled: the HTTP drain takes at most half of SHUTDOWN_TIMEOUT, inside its deadline.
         http_drain = min(HTTP_DRAIN_SECONDS, config.shutdown_timeout / 4)
         self._runner = web.AppRunner(
-            self.pipeline.http.build(), access_log=None, handle_signals=False, shutdown_timeout=http_drain
+            self.pipeline.http.build(), handle_signals=False, shutdown_timeout=http_drain,
+            access_log=access_logger(config.access_log), access_log_class=AccessLogger,
         )
 
     async def start(self) -> None:

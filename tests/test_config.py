@@ -206,6 +206,7 @@ BAD_VALUES = {
     "LOG_LEVEL": "loud",
     "LOG_FORMAT": "xml",
     "CLICKHOUSE_CREATE_TABLE": "maybe",
+    "ACCESS_LOG": "sometimes",
     "SPOOL_DIR": "   ",
     "DATA_DIR": "   ",
     "SPOOL_MAX_BYTES": "10XB",

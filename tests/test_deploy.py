@@ -406,9 +406,9 @@ def test_secrets_are_overridable_example_values() -> None:
         match = re.search(r"\$\{(\w+):-([^}]*)\}", value)
         assert match, f"{name} must come from the environment with an example default"
         assert "example" in match.group(2) or match.group(2) == "admin", f"{name}: {match.group(2)!r} is not an obvious example"
-    readme = (ROOT / "README.md").read_text()
+    deployment = (ROOT / "docs" / "deployment.md").read_text()
     for variable in {re.search(r"\$\{(\w+)", value).group(1) for value in secrets.values()}:
-        assert variable in readme, f"README does not document {variable}"
+        assert variable in deployment, f"docs/deployment.md does not document {variable}"
 
 
 # -- k8s/ ---------------------------------------------------------------------------------------
@@ -591,7 +591,7 @@ def test_the_memory_limit_holds_a_full_buffer_with_room_to_spare() -> None:
     container, _ = container_and_pod()
     limit = kubernetes_quantity_bytes(container["resources"]["limits"]["memory"])
 
-    # About 1 KiB per buffered event (README, "Configuration"), and as much again for the runtime.
+    # About 1 KiB per buffered event (docs/configuration.md), and as much again for the runtime.
     assert limit >= 2 * k8s_config().max_buffer_events * 1024
 
 
@@ -601,11 +601,11 @@ def test_the_image_tag_is_the_package_version() -> None:
     assert container["image"] == f"clickpulse:{PYPROJECT['project']['version']}"
 
 
-# -- README -------------------------------------------------------------------------------------
+# -- docs/deployment.md and docs/scale-out.md -----------------------------------------------------
 
 
-def test_readme_quick_starts_match_the_files() -> None:
-    readme = (ROOT / "README.md").read_text()
+def test_the_deployment_docs_match_the_files() -> None:
+    readme = (ROOT / "docs" / "deployment.md").read_text() + (ROOT / "docs" / "scale-out.md").read_text()
     compose = read_compose()
 
     assert "docker compose up --build -d" in readme
@@ -616,9 +616,9 @@ def test_readme_quick_starts_match_the_files() -> None:
         assert compose["services"][service]
     for service in compose["services"].values():
         if "build" not in service:
-            assert service["image"] in readme, f"README does not name the pinned image {service['image']}"
+            assert service["image"] in readme, f"docs/deployment.md does not name the pinned image {service['image']}"
     for path in k8s_manifest_files():
-        assert f"k8s/{path.name}" in readme, f"README does not describe k8s/{path.name}"
+        assert f"k8s/{path.name}" in readme, f"docs/deployment.md does not describe k8s/{path.name}"
     cluster_sql = (ROOT / "ops/clickhouse/cluster-events.sql").read_text()
     switch = re.search(r"CLICKHOUSE_TABLE=(\w+) CLICKHOUSE_CREATE_TABLE=false", cluster_sql)
     assert switch and f"CLICKHOUSE_TABLE={switch.group(1)}" in readme

@@ -183,3 +183,20 @@ def test_provisioning_points_at_the_directories_compose_mounts() -> None:
     assert provider["options"]["path"] == "/var/lib/grafana/dashboards"
     datasource = provisioned_datasource()
     assert datasource["type"] == "prometheus" and datasource["url"] == "http://prometheus:9090"
+
+
+def test_the_import_variant_asks_for_the_prometheus_datasource_and_is_otherwise_the_same() -> None:
+    generator = dashboard_generator()
+    assert generator.render_import() == (GRAFANA_DIR / "clickpulse-import.json").read_text(), (
+        "ops/grafana/clickpulse-import.json is stale: run python3 ops/grafana/generate_dashboard.py"
+    )
+    imported = generator.import_dashboard()
+    [declared] = imported.pop("__inputs")
+    assert declared["name"] == "DS_PROMETHEUS" and declared["type"] == "datasource" and declared["pluginId"] == "prometheus"
+    assert {required["id"] for required in imported.pop("__requires")} == {"grafana", "prometheus"}
+    (variable,) = [each for each in imported["templating"]["list"] if each["name"] == "datasource"]
+    assert variable.pop("current") == {"text": "${DS_PROMETHEUS}", "value": "${DS_PROMETHEUS}"}
+    (provisioned,) = [each for each in BOARD["templating"]["list"] if each["name"] == "datasource"]
+    assert variable == {key: value for key, value in provisioned.items() if key != "current"}
+    assert {**imported, "templating": None} == {**BOARD, "templating": None}
+    assert "DS_PROMETHEUS" not in (GRAFANA_DIR / "dashboards" / "clickpulse.json").read_text()  # provisioning substitutes nothing

@@ -81,10 +81,10 @@ def test_alert_is_complete_and_its_runbook_exists(rule: dict) -> None:
     annotations = rule["annotations"]
     assert annotations["summary"] and annotations["description"]
     document, anchor = annotations["runbook_url"].split("#")
-    assert document == "README.md"
+    assert document == "docs/runbooks.md"
     headings = re.findall(r"^#+ (.+)$", (ROOT / document).read_text(), re.M)
     anchors = {re.sub(r"[^a-z0-9 -]", "", heading.lower()).replace(" ", "-") for heading in headings}
-    assert anchor in anchors, f"README.md has no heading for #{anchor}"
+    assert anchor in anchors, f"docs/runbooks.md has no heading for #{anchor}"
 
 
 @pytest.mark.parametrize("rule", RULES, ids=ALERT_NAMES)

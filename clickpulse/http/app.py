@@ -1,11 +1,12 @@
 """The aiohttp application: routes, the observing middleware (every request counted and timed
 by route template, HTTP errors answered in JSON), and the operational routes: /healthz, /readyz,
-/metrics and, with the embedded store, /query."""
+/metrics, /openapi.json (clickpulse/openapi.py) and, with the embedded store, /query."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 
@@ -15,6 +16,7 @@ from clickpulse.http.events import EventsEndpoint
 from clickpulse.http.responses import Rejections, json_response
 from clickpulse.messages import AckMode
 from clickpulse.metrics import PipelineMetrics
+from clickpulse.openapi import QUERY_FORMATS, encoded_document
 from clickpulse.ports import IntakePort
 
 log = logging.getLogger("clickpulse.http")
@@ -22,9 +24,17 @@ log = logging.getLogger("clickpulse.http")
 METHOD_LABELS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 LOOPBACK_ADDRESSES = frozenset({"127.0.0.1", "::1"})
 READ_ONLY_STATEMENTS = frozenset({"SELECT", "WITH", "SHOW", "DESCRIBE", "DESC", "EXISTS", "EXPLAIN"})
+_LEADING_COMMENTS = re.compile(r"(?:\s|--[^\n]*(?:\n|$)|/\*.*?\*/)*", re.DOTALL)
+
+
+def first_keyword(sql: str) -> str:
+    """The statement's first word, upper-cased, after any leading `--` and `/* */` comments."""
+    rest = sql[_LEADING_COMMENTS.match(sql).end():]  # type: ignore[union-attr]  # `*` always matches
+    words = rest.split(None, 1)
+    return re.split(r"[^A-Za-z]", words[0], maxsplit=1)[0].upper() if words else ""
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-Query = Callable[[str], Awaitable[str]]
+Query = Callable[[str, str], Awaitable[str]]  # (sql, output format) → the result's text
 
 
 class HttpApp:
@@ -44,6 +54,7 @@ class HttpApp:
         self._max_body_bytes = max_body_bytes
         self._not_ready_reason = not_ready_reason
         self._query = query
+        self._openapi = encoded_document(with_query=query is not None)
         self._metrics = metrics
         self._draining = False
         self.events = EventsEndpoint(
@@ -64,6 +75,7 @@ class HttpApp:
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/metrics", self.metrics)
+        app.router.add_get("/openapi.json", self.openapi)
         if self._query is not None:
             app.router.add_post("/query", self.run_query)
         return app
@@ -78,21 +90,26 @@ class HttpApp:
         assert self._query is not None
         if request.remote not in LOOPBACK_ADDRESSES:
             return json_response(403, {"error": "queries are answered only from this machine"})
+        output_format = request.query.get("format", QUERY_FORMATS[0])
+        if output_format not in QUERY_FORMATS:
+            return json_response(400, {"error": f"format must be one of {', '.join(QUERY_FORMATS)}"})
         try:
             sql = (await request.read()).decode(request.charset or "utf-8").strip()
         except (UnicodeDecodeError, LookupError) as error:
             return json_response(400, {"error": f"the query body is not text in {request.charset or 'utf-8'}: {error}"})
-        first_word = sql.split(None, 1)[0].upper() if sql else ""
-        if first_word not in READ_ONLY_STATEMENTS:
+        if first_keyword(sql) not in READ_ONLY_STATEMENTS:
             return json_response(400, {
                 "error": f"only statements that read: {', '.join(sorted(READ_ONLY_STATEMENTS))}",
             })
         try:
-            text = await self._query(sql)
+            text = await self._query(sql, output_format)
         except Exception as error:  # noqa: BLE001 - ClickHouse's own message is the answer
             message = str(error).strip()
             return json_response(400, {"error": message.splitlines()[0] if message else repr(error)})
         return web.Response(text=text, content_type="text/plain")
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        return web.Response(body=self._openapi, content_type="application/json")
 
     async def healthz(self, request: web.Request) -> web.Response:
         return json_response(200, {"status": "ok"})

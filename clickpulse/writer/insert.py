@@ -111,8 +111,13 @@ class Inserter:
                 )
                 await self._pause(delay)
                 continue
-            metrics.insert_duration.observe({}, loop.time() - started)
+            duration = loop.time() - started
+            metrics.insert_duration.observe({}, duration)
             metrics.inserts.inc({"result": "ok"})
+            log.debug(
+                "insert into %s.%s: %d rows, %d bytes in %.3fs (attempt %d)",
+                self._database, self._table, count, len(body), duration, attempt + 1,
+            )
             metrics.rows_written.add({}, count)
             metrics.bytes_written.add({}, len(body))
             self._readiness.record_success()

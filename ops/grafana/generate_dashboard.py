@@ -1,7 +1,13 @@
-"""Generates ops/grafana/dashboards/clickpulse.json, the dashboard Grafana provisions.
+"""Generates ops/grafana/dashboards/clickpulse.json, the dashboard Grafana provisions, and
+ops/grafana/clickpulse-import.json, the same dashboard for Grafana's import dialog.
 
-    python3 ops/grafana/generate_dashboard.py          # rewrite the JSON
-    python3 ops/grafana/generate_dashboard.py --check  # exit 1 if the committed JSON is stale
+    python3 ops/grafana/generate_dashboard.py          # rewrite both
+    python3 ops/grafana/generate_dashboard.py --check  # exit 1 if a committed JSON is stale
+
+Provisioning reads a dashboard as it is, so the provisioned one names the provisioned datasource.
+The import variant declares `__inputs` (DS_PROMETHEUS): the import dialog asks for a Prometheus
+datasource and puts its uid where the JSON says `${DS_PROMETHEUS}`, the datasource variable's
+default. (Provisioning would leave that text as it is, so one file cannot serve both.)
 
 The committed JSON is the artifact; tests/test_grafana_dashboard.py fails when it differs from
 what this script generates, checks its structure, and the integration test runs every query in it
@@ -17,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 DASHBOARD_PATH = Path(__file__).resolve().parent / "dashboards" / "clickpulse.json"
+IMPORT_PATH = Path(__file__).resolve().parent / "clickpulse-import.json"
+IMPORT_INPUT = "DS_PROMETHEUS"
 DASHBOARD_UID = "clickpulse"
 # The uid provisioning/datasources/prometheus.yml gives the Prometheus datasource; the datasource
 # variable defaults to it, and every panel uses the variable.
@@ -621,19 +629,44 @@ def dashboard() -> JsonObject:
     }
 
 
+def import_dashboard() -> JsonObject:
+    """The dashboard for Grafana's import dialog: it asks for DS_PROMETHEUS, the datasource
+    variable's default."""
+    board = dashboard()
+    for variable in board["templating"]["list"]:
+        if variable["type"] == "datasource":
+            variable["current"] = {"text": "${" + IMPORT_INPUT + "}", "value": "${" + IMPORT_INPUT + "}"}
+    return {
+        "__inputs": [{
+            "name": IMPORT_INPUT, "label": "Prometheus", "description": "the Prometheus that scrapes clickpulse",
+            "type": "datasource", "pluginId": "prometheus", "pluginName": "Prometheus",
+        }],
+        "__requires": [
+            {"type": "grafana", "id": "grafana", "name": "Grafana", "version": "10.0.0"},
+            {"type": "datasource", "id": "prometheus", "name": "Prometheus", "version": "1.0.0"},
+        ],
+        **board,
+    }
+
+
 def render() -> str:
     return json.dumps(dashboard(), indent=2, ensure_ascii=False) + "\n"
 
 
+def render_import() -> str:
+    return json.dumps(import_dashboard(), indent=2, ensure_ascii=False) + "\n"
+
+
 def main(argv: list[str]) -> int:
-    text = render()
+    outputs = {DASHBOARD_PATH: render(), IMPORT_PATH: render_import()}
     if argv[1:] == ["--check"]:
-        if DASHBOARD_PATH.read_text() != text:
-            print(f"{DASHBOARD_PATH} is stale: run python3 {Path(__file__).name}", file=sys.stderr)
-            return 1
-        return 0
-    DASHBOARD_PATH.parent.mkdir(parents=True, exist_ok=True)
-    DASHBOARD_PATH.write_text(text)
+        stale = [path for path, text in outputs.items() if not path.exists() or path.read_text() != text]
+        for path in stale:
+            print(f"{path} is stale: run python3 {Path(__file__).name}", file=sys.stderr)
+        return 1 if stale else 0
+    for path, text in outputs.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
     return 0
 
 

@@ -84,8 +84,24 @@ async def test_events_land_in_chdb_and_the_query_command_reads_them_running_and_
     ddl = json_rows(query(python_env, data_dir, "SHOW CREATE TABLE events FORMAT JSONEachRow"))[0]["statement"]
     assert "DateTime64(3, 'UTC')" in ddl and "LowCardinality(String)" in ddl
     assert "non_replicated_deduplication_window" in ddl
-    table = query(python_env, data_dir, "SELECT event_type FROM events WHERE event_type = 'single'")
-    assert table.returncode == 0 and "single" in table.stdout and "┌" in table.stdout  # a table for people
+    table = query(python_env, data_dir, "-- one type\nSELECT event_type FROM events WHERE event_type = 'single'")
+    assert table.returncode == 0, table.stderr
+    assert table.stdout == "┌─event_type─┐\n│ single     │\n└────────────┘\n1 row\n"  # the same table as with a server
+    empty = query(python_env, data_dir, "SELECT event_type, count() FROM events WHERE event_type = 'none' GROUP BY event_type")
+    assert empty.stdout == "┌─event_type─┬─count()─┐\n└────────────┴─────────┘\n0 rows\n"
+
+
+def test_query_in_a_directory_without_data_dir_exits_2_naming_it_and_creates_nothing(
+    python_env: dict[str, str], tmp_path: Path
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "clickpulse", "query", "SELECT count() FROM events"], env=python_env, cwd=tmp_path,
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("clickpulse: query failed: DATA_DIR='clickpulse-data' holds no embedded store")
+    assert list(tmp_path.iterdir()) == []
 
 
 async def test_spooled_disk_acks_survive_sigkill_on_the_embedded_store(
@@ -138,8 +154,8 @@ def test_without_a_dsn_and_without_chdb_it_exits_2_with_one_line(python_env: dic
     result = subprocess.run([sys.executable, "-m", "clickpulse"], env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "clickpulse: CLICKHOUSE_DSN is unset and the embedded store needs chdb: pip install 'clickpulse[embedded]', "
-        "or set CLICKHOUSE_DSN to a ClickHouse server"
+        "clickpulse: CLICKHOUSE_DSN is unset and the embedded store needs chdb: pip install -e '.[embedded]' "
+        "in the clickpulse checkout, or set CLICKHOUSE_DSN to a ClickHouse server"
     ]
 
 

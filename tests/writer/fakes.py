@@ -45,7 +45,7 @@ class FakeClickHouse:
     async def execute(self, sql: str, settings: object) -> None:
         self.statements.append(sql)
 
-    async def query_text(self, sql: str, database: str) -> str:
+    async def query_text(self, sql: str, database: str, output_format: str = "PrettyCompactMonoBlock") -> str:
         return ""
 
     async def close(self) -> None:

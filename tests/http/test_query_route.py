@@ -1,0 +1,59 @@
+"""POST /query (embedded store only): read-only statements, leading comments allowed, formats."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from clickpulse.http.app import HttpApp, first_keyword
+from clickpulse.intake import MemoryIntake
+from clickpulse.memory_limit import MemoryLimit
+from clickpulse.metrics import PipelineMetrics
+
+
+@pytest.mark.parametrize(
+    ("sql", "keyword"),
+    [
+        ("SELECT 1", "SELECT"),
+        ("-- how many?\nselect count() FROM events", "SELECT"),
+        ("/* a */ /* b\n c */ -- d\n  WITH x AS (SELECT 1) SELECT * FROM x", "WITH"),
+        ("select(1)", "SELECT"),
+        ("-- only a comment", ""),
+        ("/* unterminated SELECT 1", ""),
+        ("DROP TABLE events -- SELECT", "DROP"),
+        ("/* SELECT */ DROP TABLE events", "DROP"),
+    ],
+)
+def test_first_keyword_skips_leading_comments_only(sql: str, keyword: str) -> None:
+    assert first_keyword(sql) == keyword
+
+
+async def test_a_leading_comment_is_answered_and_a_write_behind_one_refused(
+    aiohttp_client: Callable[..., Awaitable[TestClient]],
+) -> None:
+    asked: list[tuple[str, str]] = []
+
+    async def query(sql: str, output_format: str) -> str:
+        asked.append((sql, output_format))
+        return "result\n"
+
+    http = HttpApp(
+        intake=MemoryIntake(memory=MemoryLimit(10), to_batcher=lambda message: None),
+        max_body_bytes=1024, max_batch_events=10, ack_mode="memory", ack_timeout=1.0,
+        not_ready_reason=lambda: None, pipeline_down=asyncio.get_running_loop().create_future(),
+        metrics=PipelineMetrics(), query=query,
+    )
+    client = await aiohttp_client(http.build())
+    response = await client.post("/query", data=b"-- per type\nSELECT 1")
+    assert (response.status, await response.text()) == (200, "result\n")
+    response = await client.post("/query?format=JSONCompact", data=b"/* x */ SELECT 2")
+    assert response.status == 200
+    assert asked == [("-- per type\nSELECT 1", "PrettyCompactMonoBlock"), ("/* x */ SELECT 2", "JSONCompact")]
+    refused = await client.post("/query", data=b"/* SELECT */ DROP TABLE events")
+    assert refused.status == 400 and "only statements that read" in (await refused.json())["error"]
+    bad_format = await client.post("/query?format=Native", data=b"SELECT 1")
+    assert bad_format.status == 400 and "format must be one of" in (await bad_format.json())["error"]
+    assert len(asked) == 2
