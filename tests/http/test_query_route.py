@@ -41,7 +41,7 @@ async def test_a_leading_comment_is_answered_and_a_write_behind_one_refused(
         return "result\n"
 
     http = HttpApp(
-        intake=MemoryIntake(memory=MemoryLimit(10), to_batcher=lambda message: None),
+        intake=MemoryIntake(memory=MemoryLimit(10, 1 << 30), to_batcher=lambda message: None),
         max_body_bytes=1024, max_batch_events=10, ack_mode="memory", ack_timeout=1.0,
         not_ready_reason=lambda: None, pipeline_down=asyncio.get_running_loop().create_future(),
         metrics=PipelineMetrics(), query=query,
