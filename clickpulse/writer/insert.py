@@ -84,7 +84,10 @@ class Inserter:
                             "%d of %d events of an unanswered insert had been stored; sending the other %d",
                             count - remaining.count, count, remaining.count,
                         )
-                        positions = [positions[index] if positions else index for index in remaining.indices]
+                        metrics.rows_written.add({}, count - remaining.count)  # by the unanswered attempt
+                        positions = [
+                            positions[index] if positions is not None else index for index in remaining.indices
+                        ]
                         body, count = remaining.body, remaining.count
                     if not count:
                         self._readiness.record_success()
