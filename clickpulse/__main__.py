@@ -74,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(config)
     try:
         return asyncio.run(serve(config))
-    except EmbeddedUnavailable as error:
+    except (EmbeddedUnavailable, ConfigError) as error:  # ConfigError: INGEST_KEYS_FILE's, read at start
         print(f"clickpulse: {error}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     except KeyboardInterrupt:

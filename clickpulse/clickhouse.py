@@ -122,7 +122,8 @@ class HttpClickHouse:
         await self._insert_client.insert_file(insert_query(database, table, settings), body)
 
     async def query_text(self, sql: str, database: str) -> str:
-        params = {"query": sql, "database": database, "default_format": "PrettyCompactMonoBlock"}
+        # readonly=1: the query command's statements read, whatever the server's profile allows.
+        params = {"query": sql, "database": database, "default_format": "PrettyCompactMonoBlock", "readonly": "1"}
         headers = {"X-ClickHouse-User": self._target.user or "default"}
         if self._target.password:
             headers["X-ClickHouse-Key"] = self._target.password

@@ -26,6 +26,12 @@ from clickpulse.batcher import Batcher
 from clickpulse.clickhouse import ClickHouseConnection, EmbeddedClickHouse, HttpClickHouse
 from clickpulse.config import Config
 from clickpulse.http.app import HttpApp
+from clickpulse.http.edge import Edge
+from clickpulse.http.keys import KeyStore
+from clickpulse.http.origins import OriginPatterns
+from clickpulse.http.query_guard import readonly_statement
+from clickpulse.http.ratelimit import parse_networks
+from clickpulse.http.responses import Rejections
 from clickpulse.intake import MemoryIntake
 from clickpulse.memory_limit import MemoryLimit
 from clickpulse.messages import Batch, Delivery
@@ -42,6 +48,8 @@ HTTP_DRAIN_SECONDS = 5.0
 # Spool segments roll at this size (or a quarter of SPOOL_MAX_BYTES, if smaller), so confirmed
 # data is deleted segment by segment while an outage is being caught up.
 SPOOL_SEGMENT_BYTES = 32 << 20
+
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 
 Actor = Callable[[], Coroutine[Any, Any, None]]
 
@@ -83,6 +91,8 @@ class Pipeline:
 
 def build_pipeline(config: Config, metrics: PipelineMetrics) -> Pipeline:
     """Every part, wired; nothing started. Call inside the event loop that will run it."""
+    # The keys file first: a bad one (KeyFileError, exit 2) must not leave DATA_DIR locked.
+    keys = KeyStore(config.ingest_keys_file)
     # First, so that a missing chdb or a busy DATA_DIR stops the start before anything opens.
     embedded = EmbeddedClickHouse(config.data_dir) if config.clickhouse is None else None
     # Every ClickHouse request has its own time limit (CLICKHOUSE_TIMEOUT) in the Writer.
@@ -149,8 +159,21 @@ def build_pipeline(config: Config, metrics: PipelineMetrics) -> Pipeline:
 
         async def query(sql: str) -> str:
             async with asyncio.timeout(timeout):
-                return await store.query_text(sql, "default")
+                return await store.query_text(readonly_statement(sql), "default")
 
+    rejections = Rejections(metrics.receiver)
+    edge = Edge(
+        keys=keys,
+        cors_origins=OriginPatterns.parse(config.cors_origins or ()),
+        rate_limit=config.rate_limit_events_per_second,
+        rate_burst=config.rate_limit_burst,
+        trusted_proxies=parse_networks(",".join(config.trusted_proxies or ())),
+        max_body_bytes=config.max_body_bytes,
+        max_inflight_body_bytes=config.max_inflight_body_bytes,
+        body_timeout=config.body_read_timeout,
+        rejections=rejections,
+        metrics=metrics.receiver,
+    )
     pipeline: Pipeline
     http = HttpApp(
         intake=buffering,
@@ -162,6 +185,9 @@ def build_pipeline(config: Config, metrics: PipelineMetrics) -> Pipeline:
         pipeline_down=lifeline.down,
         metrics=metrics,
         query=query,
+        edge=edge,
+        rejections=rejections,
+        keepalive_timeout=config.keepalive_timeout,
     )
     pipeline = Pipeline(
         config=config,
@@ -194,8 +220,10 @@ class Service:
         # aiohttp waits up to shutdown_timeout for a handler to finish, then as long again once it
         # is cancelled: the HTTP drain takes at most half of SHUTDOWN_TIMEOUT, inside its deadline.
         http_drain = min(HTTP_DRAIN_SECONDS, config.shutdown_timeout / 4)
+        http = self.pipeline.http
         self._runner = web.AppRunner(
-            self.pipeline.http.build(), access_log=None, handle_signals=False, shutdown_timeout=http_drain
+            http.build(), access_log=None, handle_signals=False, shutdown_timeout=http_drain,
+            **http.server_options(),  # type: ignore[arg-type]  # aiohttp's server keywords, typed loosely
         )
 
     async def start(self) -> None:
@@ -218,6 +246,17 @@ class Service:
             config.http_host, self.port, pipeline.connection.description, config.clickhouse_table, config.ack_mode,
             f"spool in {config.spool_dir}" if config.spool_dir else "no spool (events are held in memory only)",
         )
+
+        if not self.pipeline.http.edge.keys.configured and config.http_host not in LOOPBACK_HOSTS:
+            log.warning(
+                "no INGEST_KEYS_FILE: anyone who can reach %s:%d can write events; "
+                "set INGEST_KEYS_FILE (see README, Security) or listen on 127.0.0.1",
+                config.http_host, self.port,
+            )
+
+    def reload(self) -> None:
+        """SIGHUP: the ingest keys file again; a bad file keeps the keys in use."""
+        self.pipeline.http.edge.reload()
 
     def not_ready_reason(self) -> str | None:
         return self.pipeline.not_ready_reason()
@@ -312,6 +351,7 @@ async def serve(config: Config) -> int:
     stop_requested = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop_requested.set)
+    loop.add_signal_handler(signal.SIGHUP, service.reload)
     waiters = [asyncio.create_task(stop_requested.wait()), asyncio.create_task(service.failed.wait())]
     await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     for waiter in waiters:

@@ -212,6 +212,14 @@ BAD_VALUES = {
     "ACK_MODE": "eventually",
     "ACK_TIMEOUT": "0",
     "CLICKHOUSE_DOWN_GRACE": "soon",
+    "INGEST_KEYS_FILE": "   ",
+    "CORS_ORIGINS": "https://ok.example, shop.example",
+    "RATE_LIMIT_EVENTS_PER_SECOND": "0",
+    "RATE_LIMIT_BURST": "-3",
+    "TRUSTED_PROXIES": "10.0.0.0/8, not-an-address",
+    "MAX_INFLIGHT_BODY_BYTES": "lots",
+    "BODY_READ_TIMEOUT": "0",
+    "KEEPALIVE_TIMEOUT": "forever",
 }
 
 
@@ -474,3 +482,22 @@ def test_module_bad_dsn_exits_2_without_showing_the_password() -> None:
     assert len(completed.stderr.splitlines()) == 1, completed.stderr
     assert "CLICKHOUSE_DSN" in completed.stderr
     assert SECRET[:4] not in completed.stderr
+
+
+def test_edge_settings_parse() -> None:
+    config = load_config([], {
+        "CORS_ORIGINS": "https://shop.example, https://*.shop.example",
+        "RATE_LIMIT_EVENTS_PER_SECOND": "2.5",
+        "RATE_LIMIT_BURST": "10",
+        "TRUSTED_PROXIES": "10.0.0.0/8, 127.0.0.1",
+        "MAX_INFLIGHT_BODY_BYTES": "8MiB",
+    })
+    assert config.cors_origins == ("https://shop.example", "https://*.shop.example")
+    assert (config.rate_limit_events_per_second, config.rate_limit_burst) == (2.5, 10)
+    assert config.trusted_proxies == ("10.0.0.0/8", "127.0.0.1/32")
+    assert config.max_inflight_body_bytes == 8 << 20
+
+
+def test_a_burst_without_a_rate_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="RATE_LIMIT_BURST"):
+        load_config([], {"RATE_LIMIT_BURST": "5"})

@@ -11,7 +11,11 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import hdrs, web
 
+from clickpulse.http.edge import Edge
 from clickpulse.http.events import EventsEndpoint
+from clickpulse.http.keys import KeyStore
+from clickpulse.http.origins import OriginPatterns
+from clickpulse.http.query_guard import QueryRefused, check_query
 from clickpulse.http.responses import Rejections, json_response
 from clickpulse.messages import AckMode
 from clickpulse.metrics import PipelineMetrics
@@ -21,7 +25,6 @@ log = logging.getLogger("clickpulse.http")
 
 METHOD_LABELS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 LOOPBACK_ADDRESSES = frozenset({"127.0.0.1", "::1"})
-READ_ONLY_STATEMENTS = frozenset({"SELECT", "WITH", "SHOW", "DESCRIBE", "DESC", "EXISTS", "EXPLAIN"})
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Query = Callable[[str], Awaitable[str]]
@@ -40,12 +43,23 @@ class HttpApp:
         pipeline_down: asyncio.Future[None],
         metrics: PipelineMetrics,
         query: Query | None = None,
+        edge: Edge | None = None,
+        rejections: Rejections | None = None,
+        keepalive_timeout: float = 75.0,
     ) -> None:
         self._max_body_bytes = max_body_bytes
         self._not_ready_reason = not_ready_reason
         self._query = query
         self._metrics = metrics
         self._draining = False
+        self._keepalive_timeout = keepalive_timeout
+        rejections = rejections if rejections is not None else Rejections(metrics.receiver)
+        self.rejections = rejections
+        self.edge = edge if edge is not None else Edge(
+            keys=KeyStore(None), cors_origins=OriginPatterns(), rate_limit=None, rate_burst=None,
+            trusted_proxies=(), max_body_bytes=max_body_bytes, max_inflight_body_bytes=0, body_timeout=30.0,
+            rejections=rejections, metrics=metrics.receiver,
+        )
         self.events = EventsEndpoint(
             intake=intake,
             max_body_bytes=max_body_bytes,
@@ -54,13 +68,29 @@ class HttpApp:
             ack_timeout=ack_timeout,
             draining=lambda: self._draining,
             pipeline_down=pipeline_down,
-            rejections=Rejections(metrics.receiver),
+            rejections=rejections,
             metrics=metrics.receiver,
+            edge=self.edge,
         )
+
+    def server_options(self) -> dict[str, object]:
+        """Keyword arguments for aiohttp's server (AppRunner, TestServer): the edge decodes
+        bodies itself, under its bounds, and idle connections are closed."""
+        return {
+            "auto_decompress": False,
+            "keepalive_timeout": self._keepalive_timeout,
+            "max_line_size": 8190,
+            "max_field_size": 8190,
+            "max_headers": 64,
+            # After an answer to a body not read to its end (413, 401...), how long aiohttp reads
+            # and discards the rest so the client sees the answer: short, or it is a slowloris.
+            "lingering_time": 2.0,
+        }
 
     def build(self) -> web.Application:
         app = web.Application(client_max_size=self._max_body_bytes, middlewares=[self._observe])
         app.router.add_post("/events", self.events.post)
+        app.router.add_route("OPTIONS", "/events", self.edge.preflight)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/metrics", self.metrics)
@@ -78,12 +108,16 @@ class HttpApp:
         assert self._query is not None
         if request.remote not in LOOPBACK_ADDRESSES:
             return json_response(403, {"error": "queries are answered only from this machine"})
-        sql = (await request.text()).strip()
-        first_word = sql.split(None, 1)[0].upper() if sql else ""
-        if first_word not in READ_ONLY_STATEMENTS:
-            return json_response(400, {
-                "error": f"only statements that read: {', '.join(sorted(READ_ONLY_STATEMENTS))}",
-            })
+        keys = self.edge.keys
+        if keys.configured:
+            # A reverse proxy on this host makes every request look local: with keys, a server key too.
+            refusal = self.edge.admit_server_key(request)
+            if refusal is not None:
+                return refusal
+        try:
+            sql = check_query(await request.text())
+        except QueryRefused as refused:
+            return json_response(400, {"error": str(refused)})
         try:
             text = await self._query(sql)
         except Exception as error:  # noqa: BLE001 - ClickHouse's own message is the answer
@@ -110,6 +144,8 @@ class HttpApp:
         try:
             response = await handler(request)
         except web.HTTPException as error:
+            if error.status == 413:  # aiohttp's own client_max_size, on routes that read a body
+                self.rejections.count("too_large")
             headers = {name: value for name, value in error.headers.items() if name == hdrs.ALLOW}
             message = error.reason if error.status != 404 else f"no route for {request.path}"
             response = json_response(error.status, {"error": message}, headers)
