@@ -88,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def query_command(config: Config, sql: str) -> int:
     try:
         print(asyncio.run(run_query(config, sql)), end="")
-    except EmbeddedUnavailable as error:
+    except (EmbeddedUnavailable, ConfigError) as error:
         print(f"clickpulse: {error}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     except QueryFailed as error:

@@ -15,6 +15,8 @@ import aiohttp
 
 from clickpulse.clickhouse import DataDirInUse, EmbeddedClickHouse, HttpClickHouse, read_lock_owner
 from clickpulse.config import Config
+from clickpulse.http.keys import first_server_secret
+from clickpulse.http.query_guard import QueryRefused, check_query, readonly_statement
 
 
 class QueryFailed(Exception):
@@ -22,6 +24,13 @@ class QueryFailed(Exception):
 
 
 async def run_query(config: Config, sql: str) -> str:
+    """The same statement check everywhere (one statement that reads, no table functions that
+    reach files or the network), then ClickHouse's readonly setting: sent with the request to a
+    server (HttpClickHouse.query_text), attached to the statement on the embedded store."""
+    try:
+        sql = check_query(sql)
+    except QueryRefused as refused:
+        raise QueryFailed(str(refused)) from None
     target = config.clickhouse
     if target is not None:
         async with aiohttp.ClientSession() as session:
@@ -31,7 +40,7 @@ async def run_query(config: Config, sql: str) -> str:
     except DataDirInUse:
         return await _ask_running_service(config, sql)
     try:
-        return await _ask(lambda: embedded.query_text(sql, "default"))
+        return await _ask(lambda: embedded.query_text(readonly_statement(sql), "default"))
     finally:
         await embedded.close()
 
@@ -49,8 +58,14 @@ async def _ask_running_service(config: Config, sql: str) -> str:
     if owner is None or " " not in owner:
         raise QueryFailed(f"{config.data_dir} is in use by another process that does not say where it serves")
     url = owner.split(" ", 1)[1] + "/query"
+    headers = {}
+    if config.ingest_keys_file is not None:  # then the service's /query needs a server key
+        secret = first_server_secret(config.ingest_keys_file)
+        if secret is None:
+            raise QueryFailed(f"INGEST_KEYS_FILE {config.ingest_keys_file} has no server key, which /query needs")
+        headers["Authorization"] = f"Bearer {secret}"
     try:
-        async with aiohttp.ClientSession() as session, session.post(url, data=sql.encode()) as response:
+        async with aiohttp.ClientSession() as session, session.post(url, data=sql.encode(), headers=headers) as response:
             if response.status == 200:
                 return await response.text()
             body = await response.json(content_type=None)

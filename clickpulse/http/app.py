@@ -16,7 +16,7 @@ from clickpulse.http.events import EventsEndpoint
 from clickpulse.http.keys import KeyStore
 from clickpulse.http.origins import OriginPatterns
 from clickpulse.http.query_guard import QueryRefused, check_query
-from clickpulse.http.responses import Rejections, json_response
+from clickpulse.http.responses import Rejections, ServerLog, json_response
 from clickpulse.messages import AckMode
 from clickpulse.metrics import PipelineMetrics
 from clickpulse.ports import IntakePort
@@ -85,6 +85,7 @@ class HttpApp:
             # After an answer to a body not read to its end (413, 401...), how long aiohttp reads
             # and discards the rest so the client sees the answer: short, or it is a slowloris.
             "lingering_time": 2.0,
+            "logger": ServerLog(self.rejections),
         }
 
     def build(self) -> web.Application:

@@ -7,11 +7,14 @@ traffic cannot flood the log, and never puts a traceback in it."""
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import msgspec
 from aiohttp import hdrs, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from clickpulse.metrics import CLIENT_FAULTS, ReceiverMetrics, RejectReason
 
@@ -71,3 +74,37 @@ class Rejections:
 
     def unavailable(self, reason: RejectReason, message: str, retry_after: int) -> web.Response:
         return self.reject(reason, 503, message, {hdrs.RETRY_AFTER: str(retry_after)})
+
+
+class ServerLog(logging.Logger):
+    """The logger aiohttp's connection handler writes to (its `logger` argument).
+
+    aiohttp logs a request it cannot parse (malformed HTTP, an over-long request line or header)
+    and a connection reset while answering with `logger.exception`: a traceback at ERROR for
+    what is only a client's fault. Those are counted here (`malformed`, `client_disconnected`)
+    and summarised with the other client faults; anything else goes on to aiohttp's own logger.
+    """
+
+    def __init__(self, rejections: Rejections) -> None:
+        super().__init__("aiohttp.server")
+        self.parent = logging.getLogger("aiohttp.server")
+        self._rejections = rejections
+
+    def _client_fault(self, exc_info: Any) -> bool:
+        error = exc_info if isinstance(exc_info, BaseException) else sys.exc_info()[1] if exc_info else None
+        if isinstance(error, HttpProcessingError) and 400 <= (error.code or 400) < 500:
+            self._rejections.count("malformed")
+            return True
+        if isinstance(error, ConnectionError):
+            self._rejections.count("client_disconnected")
+            return True
+        return False
+
+    def exception(self, msg: object, *args: object, exc_info: Any = True, **kwargs: Any) -> None:
+        if not self._client_fault(exc_info):
+            super().exception(msg, *args, exc_info=exc_info, **kwargs)
+
+    def debug(self, msg: object, *args: object, exc_info: Any = None, **kwargs: Any) -> None:
+        # aiohttp logs a first request with a bad method (not HTTP at all, or TLS) at DEBUG.
+        if exc_info is None or not self._client_fault(exc_info):
+            super().debug(msg, *args, exc_info=exc_info, **kwargs)
