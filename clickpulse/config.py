@@ -74,6 +74,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     max_inflight_body_bytes: int = 64 << 20
     body_read_timeout: float = 30.0
     keepalive_timeout: float = 75.0
+    head_read_timeout: float = 10.0
+    max_connections: int = 10_000
 
 
 
@@ -303,7 +305,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("BODY_READ_TIMEOUT", "body_read_timeout", _positive_duration,
             "time limit for receiving a request body (408, connection closed)"),
     Setting("KEEPALIVE_TIMEOUT", "keepalive_timeout", _positive_duration,
-            "idle keep-alive connections, and a first request head not received by then, are closed"),
+            "idle keep-alive connections are closed after this"),
+    Setting("HEAD_READ_TIMEOUT", "head_read_timeout", _positive_duration,
+            "time limit for receiving a request's head from its first byte (then the connection is closed)"),
+    Setting("MAX_CONNECTIONS", "max_connections", _positive_int,
+            "most open client connections; beyond, a new one gets 503 and is closed"),
 )
 
 

@@ -26,6 +26,7 @@ from clickpulse.batcher import Batcher
 from clickpulse.clickhouse import ClickHouseConnection, EmbeddedClickHouse, HttpClickHouse
 from clickpulse.config import Config
 from clickpulse.http.app import HttpApp
+from clickpulse.http.connections import ConnectionGuard, GuardedSite
 from clickpulse.http.edge import Edge
 from clickpulse.http.keys import KeyStore
 from clickpulse.http.origins import OriginPatterns
@@ -233,7 +234,11 @@ class Service:
             for name, run in pipeline.actors.items():
                 self._start_actor(name, run())
             await self._runner.setup()
-            await web.TCPSite(self._runner, config.http_host, config.http_port).start()
+            guard = ConnectionGuard(
+                max_connections=config.max_connections, head_timeout=config.head_read_timeout,
+                rejections=pipeline.http.rejections,
+            )
+            await GuardedSite(self._runner, config.http_host, config.http_port, guard=guard).start()
         except BaseException:
             # The port is taken, say: nothing may be left open behind the error.
             await self._close_after_failed_start()

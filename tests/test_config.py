@@ -220,6 +220,8 @@ BAD_VALUES = {
     "MAX_INFLIGHT_BODY_BYTES": "lots",
     "BODY_READ_TIMEOUT": "0",
     "KEEPALIVE_TIMEOUT": "forever",
+    "HEAD_READ_TIMEOUT": "0s",
+    "MAX_CONNECTIONS": "none",
 }
 
 

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import hdrs, web
 
+from clickpulse.http.connections import GuardedRequestHandler
 from clickpulse.http.edge import Edge
 from clickpulse.http.events import EventsEndpoint
 from clickpulse.http.keys import KeyStore
@@ -142,6 +143,10 @@ class HttpApp:
     async def _observe(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.perf_counter()
         response: web.StreamResponse
+        protocol = request.protocol
+        guarded = protocol if isinstance(protocol, GuardedRequestHandler) else None
+        if guarded is not None:
+            guarded.head_received()
         try:
             response = await handler(request)
         except web.HTTPException as error:
@@ -162,4 +167,6 @@ class HttpApp:
         receiver.http_request_duration.observe(labels, time.perf_counter() - started)
         labels["status"] = str(response.status)
         receiver.http_requests.inc(labels)
+        if guarded is not None:
+            guarded.request_done()
         return response
