@@ -183,3 +183,11 @@ def test_provisioning_points_at_the_directories_compose_mounts() -> None:
     assert provider["options"]["path"] == "/var/lib/grafana/dashboards"
     datasource = provisioned_datasource()
     assert datasource["type"] == "prometheus" and datasource["url"] == "http://prometheus:9090"
+
+
+def test_the_client_fault_panel_selects_exactly_the_client_fault_reasons() -> None:
+    from clickpulse.metrics import CLIENT_FAULTS
+    from tests.promql import dashboard_generator
+
+    listed = re.fullmatch(r'reason=~"(.*)"', dashboard_generator().CLIENT_FAULT_MATCHER)
+    assert listed is not None and set(listed.group(1).split("|")) == CLIENT_FAULTS
