@@ -76,6 +76,10 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     keepalive_timeout: float = 75.0
     head_read_timeout: float = 10.0
     max_connections: int = 10_000
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    admin_host: str = "127.0.0.1"
+    admin_port: int | None = None
 
 
 
@@ -310,6 +314,11 @@ SETTINGS: tuple[Setting, ...] = (
             "time limit for receiving a request's head from its first byte (then the connection is closed)"),
     Setting("MAX_CONNECTIONS", "max_connections", _positive_int,
             "most open client connections; beyond, a new one gets 503 and is closed"),
+    Setting("TLS_CERT_FILE", "tls_cert_file", _file, "PEM certificate (chain): serve HTTPS; needs TLS_KEY_FILE"),
+    Setting("TLS_KEY_FILE", "tls_key_file", _file, "PEM private key of TLS_CERT_FILE"),
+    Setting("ADMIN_HOST", "admin_host", _text, "address of the ADMIN_PORT listener"),
+    Setting("ADMIN_PORT", "admin_port", _port,
+            "serve /metrics, /healthz, /readyz and /query here (plain HTTP) instead of on HTTP_PORT"),
 )
 
 
@@ -355,6 +364,8 @@ def load_config(argv: Sequence[str] = (), environ: Mapping[str, str] | None = No
     config = Config(**values)
     if config.ack_mode == "disk" and config.spool_dir is None:
         raise ConfigError("invalid ACK_MODE=disk: needs SPOOL_DIR, the directory events are fsynced to")
+    if (config.tls_cert_file is None) != (config.tls_key_file is None):
+        raise ConfigError("invalid TLS_CERT_FILE/TLS_KEY_FILE: set both, or neither")
     if config.rate_limit_burst is not None and config.rate_limit_events_per_second is None:
         raise ConfigError("invalid RATE_LIMIT_BURST: needs RATE_LIMIT_EVENTS_PER_SECOND")
     if config.max_batch_events > config.max_buffer_events:

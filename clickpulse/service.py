@@ -33,6 +33,7 @@ from clickpulse.http.origins import OriginPatterns
 from clickpulse.http.query_guard import readonly_statement
 from clickpulse.http.ratelimit import parse_networks
 from clickpulse.http.responses import Rejections
+from clickpulse.http.tls import TlsFiles
 from clickpulse.intake import MemoryIntake
 from clickpulse.memory_limit import MemoryLimit
 from clickpulse.messages import Batch, Delivery
@@ -207,11 +208,21 @@ def build_pipeline(config: Config, metrics: PipelineMetrics) -> Pipeline:
     return pipeline
 
 
+def _local(host: str) -> str:
+    """An address this machine reaches a listener on `host` by."""
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
 class Service:
     """The supervisor. Build inside the event loop that runs it; then `start()` and `stop()`."""
 
     def __init__(self, config: Config, registry: Registry | None = None) -> None:
         self.config = config
+        # TLS first: a bad certificate is a ConfigError (exit 2) before anything opens.
+        self._tls = (
+            TlsFiles(config.tls_cert_file, config.tls_key_file)
+            if config.tls_cert_file is not None and config.tls_key_file is not None else None
+        )
         self.metrics = PipelineMetrics(registry)
         self.pipeline = build_pipeline(config, self.metrics)
         self.failed = asyncio.Event()
@@ -222,9 +233,15 @@ class Service:
         # is cancelled: the HTTP drain takes at most half of SHUTDOWN_TIMEOUT, inside its deadline.
         http_drain = min(HTTP_DRAIN_SECONDS, config.shutdown_timeout / 4)
         http = self.pipeline.http
+        self.admin_port: int | None = None
         self._runner = web.AppRunner(
-            http.build(), access_log=None, handle_signals=False, shutdown_timeout=http_drain,
+            http.build(operational=config.admin_port is None), access_log=None, handle_signals=False,
+            shutdown_timeout=http_drain,
             **http.server_options(),  # type: ignore[arg-type]  # aiohttp's server keywords, typed loosely
+        )
+        self._admin_runner = (
+            web.AppRunner(http.build_admin(), access_log=None, handle_signals=False, shutdown_timeout=http_drain)
+            if config.admin_port is not None else None
         )
 
     async def start(self) -> None:
@@ -238,17 +255,30 @@ class Service:
                 max_connections=config.max_connections, head_timeout=config.head_read_timeout,
                 rejections=pipeline.http.rejections,
             )
-            await GuardedSite(self._runner, config.http_host, config.http_port, guard=guard).start()
+            await GuardedSite(
+                self._runner, config.http_host, config.http_port, guard=guard,
+                ssl_context=self._tls.context if self._tls is not None else None,
+            ).start()
+            if self._admin_runner is not None:
+                assert config.admin_port is not None
+                await self._admin_runner.setup()
+                await web.TCPSite(self._admin_runner, config.admin_host, config.admin_port).start()
+                self.admin_port = self._admin_runner.addresses[0][1]
         except BaseException:
             # The port is taken, say: nothing may be left open behind the error.
             await self._close_after_failed_start()
             raise
         self.port = self._runner.addresses[0][1]
-        local_host = "127.0.0.1" if config.http_host in ("0.0.0.0", "::", "") else config.http_host
-        pipeline.listening(f"http://{local_host}:{self.port}")
+        scheme = "https" if self._tls is not None else "http"
+        if self.admin_port is not None:  # where `python -m clickpulse query` finds /query
+            pipeline.listening(f"http://{_local(config.admin_host)}:{self.admin_port}")
+        else:
+            pipeline.listening(f"{scheme}://{_local(config.http_host)}:{self.port}")
         log.info(
-            "clickpulse listening on http://%s:%d, writing to %s, table %s; ack mode %s, %s",
-            config.http_host, self.port, pipeline.connection.description, config.clickhouse_table, config.ack_mode,
+            "clickpulse listening on %s://%s:%d%s, writing to %s, table %s; ack mode %s, %s",
+            scheme, config.http_host, self.port,
+            f" (operational routes on http://{config.admin_host}:{self.admin_port})" if self.admin_port else "",
+            pipeline.connection.description, config.clickhouse_table, config.ack_mode,
             f"spool in {config.spool_dir}" if config.spool_dir else "no spool (events are held in memory only)",
         )
 
@@ -260,8 +290,10 @@ class Service:
             )
 
     def reload(self) -> None:
-        """SIGHUP: the ingest keys file again; a bad file keeps the keys in use."""
+        """SIGHUP: the ingest keys file and the TLS files again; bad ones keep what is in use."""
         self.pipeline.http.edge.reload()
+        if self._tls is not None:
+            self._tls.reload()
 
     def not_ready_reason(self) -> str | None:
         return self.pipeline.not_ready_reason()
@@ -271,6 +303,8 @@ class Service:
         self.abort()
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
         await self._runner.cleanup()
+        if self._admin_runner is not None:
+            await self._admin_runner.cleanup()
         pipeline = self.pipeline
         await pipeline.buffering.close()
         await pipeline.connection.close()
@@ -284,6 +318,8 @@ class Service:
         deadline = asyncio.get_running_loop().time() + self.config.shutdown_timeout
         pipeline.http.stop_intake()
         await self._runner.cleanup()  # stops listening, waits for in-flight requests
+        if self._admin_runner is not None:
+            await self._admin_runner.cleanup()
         pipeline.buffering.stop_forwarding()
         for name, stop in (("batcher", pipeline.batcher.stop), ("writer", pipeline.writer.stop)):
             task = self._tasks[name]

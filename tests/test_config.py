@@ -222,11 +222,14 @@ BAD_VALUES = {
     "KEEPALIVE_TIMEOUT": "forever",
     "HEAD_READ_TIMEOUT": "0s",
     "MAX_CONNECTIONS": "none",
+    "TLS_CERT_FILE": "  ",
+    "TLS_KEY_FILE": "  ",
+    "ADMIN_PORT": "70000",
 }
 
 
 def test_every_setting_except_http_host_has_a_bad_value_case() -> None:
-    assert set(BAD_VALUES) == {setting.variable for setting in SETTINGS} - {"HTTP_HOST"}
+    assert set(BAD_VALUES) == {setting.variable for setting in SETTINGS} - {"HTTP_HOST", "ADMIN_HOST"}
 
 
 @pytest.mark.parametrize(("variable", "value"), sorted(BAD_VALUES.items()))
@@ -503,3 +506,8 @@ def test_edge_settings_parse() -> None:
 def test_a_burst_without_a_rate_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="RATE_LIMIT_BURST"):
         load_config([], {"RATE_LIMIT_BURST": "5"})
+
+
+def test_tls_needs_both_files() -> None:
+    with pytest.raises(ConfigError, match="TLS_CERT_FILE/TLS_KEY_FILE: set both"):
+        load_config([], {"TLS_CERT_FILE": "/etc/cert.pem"})

@@ -89,16 +89,27 @@ class HttpApp:
             "logger": ServerLog(self.rejections),
         }
 
-    def build(self) -> web.Application:
+    def build(self, *, operational: bool = True) -> web.Application:
+        """The public application; without the operational routes when they live on ADMIN_PORT."""
         app = web.Application(client_max_size=self._max_body_bytes, middlewares=[self._observe])
         app.router.add_post("/events", self.events.post)
         app.router.add_route("OPTIONS", "/events", self.edge.preflight)
+        if operational:
+            self._add_operational(app)
+        return app
+
+    def build_admin(self) -> web.Application:
+        """ADMIN_PORT's application: /healthz, /readyz, /metrics and /query."""
+        app = web.Application(client_max_size=self._max_body_bytes, middlewares=[self._observe])
+        self._add_operational(app)
+        return app
+
+    def _add_operational(self, app: web.Application) -> None:
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/metrics", self.metrics)
         if self._query is not None:
             app.router.add_post("/query", self.run_query)
-        return app
 
     def stop_intake(self) -> None:
         """From now on POST /events answers 503 and /readyz reports shutting down."""
