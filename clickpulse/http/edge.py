@@ -188,8 +188,11 @@ class Edge:
                 RETRY_AFTER_INFLIGHT,
             ))
         try:
-            async with asyncio.timeout(self._body_timeout):
+            if request.content.is_eof():  # all there already (the common small body): no timer needed
                 raw = await read_raw(request, limit)
+            else:
+                async with asyncio.timeout(self._body_timeout):
+                    raw = await read_raw(request, limit)
             body = decode(raw, encoding, limit)
         except TimeoutError:
             response = self.finish(admission, reject(
