@@ -180,8 +180,9 @@ def presented_secret(authorization: str | None, query_key: str | None) -> Presen
                 decoded = base64.b64decode(value, validate=True).decode()
             except (binascii.Error, UnicodeDecodeError):
                 return None
-            user = decoded.partition(":")[0]
-            return (user, "header") if user else None
+            user, _, password = decoded.partition(":")
+            secret = user or password  # the secret as user name (SDKs); some send it as the password
+            return (secret, "header") if secret else None
         return None
     if query_key:
         return query_key, "query"

@@ -409,3 +409,12 @@ async def test_with_keys_the_query_route_needs_a_server_key(make_app: MakeApp, k
     await json_error(without, 401)
     await json_error(browser, 401)
     assert server.status == 200
+
+
+async def test_basic_with_the_secret_as_password_and_an_empty_user_is_accepted(make_app: MakeApp, keys_file: Path) -> None:
+    app = await make_app(keys_file=keys_file)
+    basic = base64.b64encode(f":{SERVER_SECRET}".encode()).decode()
+
+    response = await app.post(ONE, headers={"Authorization": f"Basic {basic}"})
+
+    assert response.status == 202
