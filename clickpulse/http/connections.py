@@ -26,11 +26,37 @@ _REFUSED = (
 
 
 class ConnectionGuard:
+    """The count of open connections, and those whose request head is still arriving. One timer
+    sweeps those every quarter of HEAD_READ_TIMEOUT (so a slow head is closed within 1.25 times
+    the limit): a timer per request cost more than the rest of the edge together."""
+
     def __init__(self, *, max_connections: int, head_timeout: float, rejections: Rejections) -> None:
         self.max_connections = max_connections
         self.head_timeout = head_timeout
         self.rejections = rejections
         self.open = 0
+        self.awaiting_head: dict[GuardedRequestHandler, float] = {}  # → when its first byte came
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._sweeper = loop.call_later(self._period, self._sweep, loop)
+
+    def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+
+    @property
+    def _period(self) -> float:
+        return max(0.05, self.head_timeout / 4)
+
+    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+        deadline = loop.time() - self.head_timeout
+        late = [handler for handler, since in self.awaiting_head.items() if since <= deadline]
+        for handler in late:
+            del self.awaiting_head[handler]
+            handler.head_too_slow()
+        self._sweeper = loop.call_later(self._period, self._sweep, loop)
 
 
 class GuardedRequestHandler(RequestHandler):
@@ -39,7 +65,7 @@ class GuardedRequestHandler(RequestHandler):
         self._guard = guard
         self._counted = False
         self._in_request = False
-        self._head_timer: asyncio.TimerHandle | None = None
+        self._loop_time = kwargs["loop"].time
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         guard = self._guard
@@ -54,36 +80,34 @@ class GuardedRequestHandler(RequestHandler):
         super().connection_made(transport)
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
         if self._counted:
             self._counted = False
             self._guard.open -= 1
+            self._guard.awaiting_head.pop(self, None)
             super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         if not self._counted:
             return
-        if not self._in_request and self._head_timer is None:
-            self._head_timer = asyncio.get_running_loop().call_later(self._guard.head_timeout, self._head_too_slow)
+        if not self._in_request:
+            self._guard.awaiting_head.setdefault(self, self._loop_time())
         super().data_received(data)
 
     def head_received(self) -> None:
         """Called by the application when a request's head has been parsed (its middleware)."""
         self._in_request = True
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+        self._guard.awaiting_head.pop(self, None)
 
     def request_done(self) -> None:
         self._in_request = False
 
-    def _head_too_slow(self) -> None:
-        self._head_timer = None
+    def head_too_slow(self) -> None:
         if not self._in_request and self.transport is not None:
             self._guard.rejections.count("timeout")
             self.force_close()
+
+    # Identity, not equality, makes a handler a key of `awaiting_head`.
+    __hash__ = object.__hash__
 
 
 class GuardedSite(web.TCPSite):
@@ -109,3 +133,8 @@ class GuardedSite(web.TCPSite):
             accept, self._host, self._port, ssl=self._ssl_context, backlog=self._backlog,
             reuse_address=self._reuse_address, reuse_port=self._reuse_port,
         )
+        guard.start(loop)
+
+    async def stop(self) -> None:
+        self._guard.stop()
+        await super().stop()
