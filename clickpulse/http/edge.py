@@ -170,6 +170,26 @@ class Edge:
 
     # -- the body ------------------------------------------------------------------------------
 
+    def read_body_now(self, request: web.Request, admission: Admission) -> bytes | web.Response | None:
+        """The body without waiting, when aiohttp already holds all of it and it is not encoded
+        (the common small request: no coroutine, no timer, nothing to reserve, since it is in
+        memory already); None when `read_body` must do it."""
+        content = request.content
+        if not content.is_eof() or hdrs.CONTENT_ENCODING in request.headers:
+            return None
+        limit = self._max_body_bytes
+        length = request.content_length
+        if length is not None and length > limit:
+            return self.finish(admission, self._too_large(f"request body larger than {limit} bytes (MAX_BODY_BYTES)"))
+        try:
+            body = content.read_nowait(-1)
+        except Exception:  # noqa: BLE001 - a payload error: read_body answers it properly
+            return None
+        if len(body) > limit:
+            return self.finish(admission, self._too_large(f"request body larger than {limit} bytes (MAX_BODY_BYTES)"))
+        self._metrics.request_body_bytes.observe({}, len(body))
+        return body
+
     async def read_body(self, request: web.Request, admission: Admission) -> bytes | web.Response:
         reject = self._rejections.reject
         limit = self._max_body_bytes
@@ -188,7 +208,7 @@ class Edge:
                 RETRY_AFTER_INFLIGHT,
             ))
         try:
-            if request.content.is_eof():  # all there already (the common small body): no timer needed
+            if request.content.is_eof():  # all there already: no timer needed
                 raw = await read_raw(request, limit)
             else:
                 async with asyncio.timeout(self._body_timeout):

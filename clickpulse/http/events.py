@@ -86,7 +86,10 @@ class EventsEndpoint:
                     f"unsupported Content-Type {content_type!r}; send application/json, "
                     "application/x-ndjson or text/plain",
                 )
-        body = await self._edge.read_body(request, admission)
+        edge = self._edge
+        body = edge.read_body_now(request, admission)
+        if body is None:
+            body = await edge.read_body(request, admission)
         if isinstance(body, web.Response):
             return body
         if not body.strip():
