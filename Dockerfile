@@ -55,7 +55,7 @@ EXPOSE 8080
 # It reads HTTP_PORT like the service does, so `-e HTTP_PORT=9000` needs no other change; urlopen
 # raises on a refused connection, a time-out or any non-2xx answer, which exits non-zero.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('HTTP_PORT', '8080'), timeout=4)"]
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % (os.environ.get('ADMIN_PORT') or os.environ.get('HTTP_PORT', '8080')), timeout=4)"]
 
 # python is PID 1: clickpulse installs its own SIGTERM/SIGINT handlers (drain, then exit), and it
 # starts no child processes, so it needs no init process to forward signals or reap zombies.

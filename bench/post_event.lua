@@ -3,6 +3,7 @@
 --
 -- Environment:
 --   BENCH_BODY_FILE  path of the request body (written by bench/run.py)
+--   BENCH_AUTHORIZATION  optional Authorization header value (bench/edge_overhead.py: a keyed request)
 --   BENCH_SECONDS    how long to send; afterwards no new request is sent, so that every request
 --                    already sent gets its answer before wrk's own -d ends (run.py adds a drain
 --                    tail to -d). Without this, wrk would cut requests the server has already
@@ -40,6 +41,10 @@ local window = tonumber(os.getenv("BENCH_SECONDS") or "10")
 wrk.method = "POST"
 wrk.body = body
 wrk.headers["Content-Type"] = "application/json"
+local authorization = os.getenv("BENCH_AUTHORIZATION")
+if authorization and authorization ~= "" then
+  wrk.headers["Authorization"] = authorization
+end
 
 -- Per-thread state (each wrk thread has its own Lua state; done() reads it through thread:get).
 sent = 0

@@ -83,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(config)
     try:
         return asyncio.run(serve(config))
-    except (EmbeddedUnavailable, SpoolDirInUse) as error:
+    except (EmbeddedUnavailable, SpoolDirInUse, ConfigError) as error:  # ConfigError: INGEST_KEYS_FILE's, read at start
         print(f"clickpulse: {error}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     except KeyboardInterrupt:
@@ -97,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def query_command(config: Config, sql: str, output_format: str = "table") -> int:
     try:
         output = asyncio.run(run_query(config, sql, output_format, colour=sys.stdout.isatty()))
-    except EmbeddedUnavailable as error:
+    except (EmbeddedUnavailable, ConfigError) as error:
         print(f"clickpulse: {error}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     except QueryFailed as error:

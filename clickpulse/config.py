@@ -73,6 +73,21 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     log_level: str = "INFO"
     log_format: str = "text"
     access_log: bool = False
+    # The public edge (clickpulse/http/: keys.py, origins.py, ratelimit.py, bodies.py, edge.py).
+    ingest_keys_file: Path | None = None
+    cors_origins: tuple[str, ...] | None = None
+    rate_limit_events_per_second: float | None = None
+    rate_limit_burst: int | None = None
+    trusted_proxies: tuple[str, ...] | None = None
+    max_inflight_body_bytes: int = 64 << 20
+    body_read_timeout: float = 30.0
+    keepalive_timeout: float = 75.0
+    head_read_timeout: float = 10.0
+    max_connections: int = 10_000
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    admin_host: str = "127.0.0.1"
+    admin_port: int | None = None
 
 
 
@@ -247,6 +262,33 @@ def _boolean(text: str) -> bool:
     raise ValueError(f"{text!r} is not true or false")
 
 
+def _origins(text: str) -> tuple[str, ...]:
+    from clickpulse.http.origins import OriginPatterns
+
+    origins = tuple(part.strip() for part in text.split(",") if part.strip())
+    OriginPatterns.parse(origins)  # raises ValueError naming the bad one
+    return origins
+
+
+def _networks(text: str) -> tuple[str, ...]:
+    from clickpulse.http.ratelimit import parse_networks
+
+    return tuple(str(network) for network in parse_networks(text))
+
+
+def _positive_number(text: str) -> float:
+    value = float(text.strip())
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"{text!r} must be a positive number")
+    return value
+
+
+def _file(text: str) -> Path:
+    if not text.strip():
+        raise ValueError("is empty")
+    return Path(text)
+
+
 @dataclass(frozen=True)
 class Setting:
     variable: str
@@ -288,6 +330,31 @@ SETTINGS: tuple[Setting, ...] = (
             f"{', '.join(LOG_LEVELS)}; DEBUG adds a line per flush and per insert"),
     Setting("LOG_FORMAT", "log_format", _choice(LOG_FORMATS, str.lower), "text or json"),
     Setting("ACCESS_LOG", "access_log", _boolean, "one log line per HTTP request, in LOG_FORMAT"),
+    Setting("INGEST_KEYS_FILE", "ingest_keys_file", _file,
+            "TOML file of ingest keys; set: every write needs a key (reloaded on SIGHUP); unset: open"),
+    Setting("CORS_ORIGINS", "cors_origins", _origins,
+            "origins browsers may send from, comma-separated: https://shop.example or https://*.shop.example"),
+    Setting("RATE_LIMIT_EVENTS_PER_SECOND", "rate_limit_events_per_second", _positive_number,
+            "events per second per client address for requests without a key (429 above); unset: no limit"),
+    Setting("RATE_LIMIT_BURST", "rate_limit_burst", _positive_int,
+            "events a client address may send at once; unset: RATE_LIMIT_EVENTS_PER_SECOND"),
+    Setting("TRUSTED_PROXIES", "trusted_proxies", _networks,
+            "proxy addresses or CIDRs whose X-Forwarded-For names the client, comma-separated"),
+    Setting("MAX_INFLIGHT_BODY_BYTES", "max_inflight_body_bytes", parse_size,
+            "most bytes of request bodies read at once (503 above)"),
+    Setting("BODY_READ_TIMEOUT", "body_read_timeout", _positive_duration,
+            "time limit for receiving a request body (408, connection closed)"),
+    Setting("KEEPALIVE_TIMEOUT", "keepalive_timeout", _positive_duration,
+            "idle keep-alive connections are closed after this"),
+    Setting("HEAD_READ_TIMEOUT", "head_read_timeout", _positive_duration,
+            "time limit for receiving a request's head from its first byte (then the connection is closed)"),
+    Setting("MAX_CONNECTIONS", "max_connections", _positive_int,
+            "most open client connections; beyond, a new one gets 503 and is closed"),
+    Setting("TLS_CERT_FILE", "tls_cert_file", _file, "PEM certificate (chain): serve HTTPS; needs TLS_KEY_FILE"),
+    Setting("TLS_KEY_FILE", "tls_key_file", _file, "PEM private key of TLS_CERT_FILE"),
+    Setting("ADMIN_HOST", "admin_host", _text, "address of the ADMIN_PORT listener"),
+    Setting("ADMIN_PORT", "admin_port", _port,
+            "serve /metrics, /healthz, /readyz and /query here (plain HTTP) instead of on HTTP_PORT"),
 )
 
 
@@ -422,6 +489,10 @@ def load_config(argv: Sequence[str] = (), environ: Mapping[str, str] | None = No
     config = Config(**values)
     if config.ack_mode == "disk" and config.spool_dir is None:
         raise ConfigError("invalid ACK_MODE=disk: needs SPOOL_DIR, the directory events are fsynced to")
+    if (config.tls_cert_file is None) != (config.tls_key_file is None):
+        raise ConfigError("invalid TLS_CERT_FILE/TLS_KEY_FILE: set both, or neither")
+    if config.rate_limit_burst is not None and config.rate_limit_events_per_second is None:
+        raise ConfigError("invalid RATE_LIMIT_BURST: needs RATE_LIMIT_EVENTS_PER_SECOND")
     if config.max_batch_events > config.max_buffer_events:
         raise ConfigError(
             f"invalid MAX_BATCH_EVENTS={config.max_batch_events}: larger than "

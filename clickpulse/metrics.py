@@ -25,7 +25,15 @@ from clickpulse.collectors import Counter, Gauge, Histogram
 from clickpulse.process_metrics import ProcessMetrics
 
 # The label value sets.
-RejectReason = Literal["invalid", "too_large", "unsupported_type", "overloaded", "shutting_down"]
+RejectReason = Literal[
+    "invalid", "too_large", "unsupported_type", "overloaded", "shutting_down",
+    "unauthorized", "forbidden", "rate_limited", "client_disconnected", "malformed", "timeout",
+]
+# Reasons that are the client's fault and say nothing about clickpulse: logged at most once per
+# interval, with a count, never with a traceback.
+CLIENT_FAULTS: Final[frozenset[RejectReason]] = frozenset(
+    {"unauthorized", "forbidden", "rate_limited", "client_disconnected", "malformed", "timeout"}
+)
 FlushCause = Literal["size", "interval", "shutdown"]  # what made the Batcher flush
 ErrorKind = Literal["connection", "timeout", "server", "rejected", "limit", "auth", "schema"]
 InsertResult = Literal["ok", "error"]
@@ -56,6 +64,7 @@ METRIC_LABELS: Mapping[str, tuple[str, ...]] = MappingProxyType({
     "http_requests_total": ("method", "path", "status"),
     "http_request_duration_seconds": ("method", "path"),
     "requests_rejected_total": ("reason",),
+    "ingest_key_events_total": ("key",),
     "batch_flush_total": ("trigger",),
     "clickhouse_insert_errors_total": ("kind",),
     "clickhouse_inserts_total": ("result",),
@@ -101,9 +110,16 @@ class ReceiverMetrics:
         self.requests_rejected = zero_each(Counter(
             "requests_rejected_total",
             "Requests refused before reaching the pipeline, by reason "
-            "(invalid, too_large, unsupported_type, overloaded, shutting_down).",
+            "(invalid, too_large, unsupported_type, overloaded, shutting_down, unauthorized, forbidden, "
+            "rate_limited, client_disconnected, malformed, timeout).",
             registry=registry,
         ), "reason", REJECT_REASONS)
+        # Zeroed by the edge for every key name in INGEST_KEYS_FILE (and again at each reload).
+        self.events_by_key = Counter(
+            "ingest_key_events_total",
+            "Events accepted by ingest key name (from INGEST_KEYS_FILE; `none`: sent without a key).",
+            registry=registry,
+        )
         self.request_body_bytes = unlabelled_histogram(
             "http_request_body_bytes",
             "Body size of each POST /events request read, accepted or not (a body refused by its "

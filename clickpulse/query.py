@@ -23,6 +23,8 @@ import msgspec
 
 from clickpulse.clickhouse import DataDirInUse, EmbeddedClickHouse, HttpClickHouse, read_lock_owner
 from clickpulse.config import Config
+from clickpulse.http.keys import first_server_secret
+from clickpulse.http.query_guard import QueryRefused, check_query, readonly_statement
 
 # The format asked of ClickHouse for --format table; the table is drawn from it.
 TABLE_SOURCE_FORMAT = "JSONCompact"
@@ -40,6 +42,7 @@ class QueryFailed(Exception):
         self.exit_status = exit_status  # 2: the configuration is wrong (like any setting error)
 
 
+
 class _Column(msgspec.Struct):
     name: str
     type: str
@@ -51,7 +54,14 @@ class _Result(msgspec.Struct):
 
 
 async def run_query(config: Config, sql: str, output_format: str = "table", *, colour: bool = False) -> str:
-    """The text to print: a table, or ClickHouse's own output in `output_format`."""
+    """The text to print: a table, or ClickHouse's own output in `output_format`. The same
+    statement check everywhere (one statement that reads, no table functions that reach files or
+    the network), then ClickHouse's readonly setting: sent with the request to a server
+    (HttpClickHouse.query_text), attached to the statement on the embedded store."""
+    try:
+        sql = check_query(sql)
+    except QueryRefused as refused:
+        raise QueryFailed(str(refused)) from None
     wanted = TABLE_SOURCE_FORMAT if output_format == "table" else output_format
     text = await _fetch(config, sql, wanted)
     if output_format != "table" or _OWN_FORMAT.search(sql.strip()):
@@ -77,7 +87,7 @@ async def _fetch(config: Config, sql: str, output_format: str) -> str:
     except DataDirInUse:
         return await _ask_running_service(config, sql, output_format)
     try:
-        return await _ask(lambda: embedded.query_text(sql, "default", output_format, config.query_timeout))
+        return await _ask(lambda: embedded.query_text(readonly_statement(sql), "default", output_format, config.query_timeout))
     finally:
         await embedded.close()
 
@@ -95,9 +105,18 @@ async def _ask_running_service(config: Config, sql: str, output_format: str) -> 
     if owner is None or " " not in owner:
         raise QueryFailed(f"{config.data_dir} is in use by another process that does not say where it serves")
     url = owner.split(" ", 1)[1] + "/query"
+    headers = {}
+    if config.ingest_keys_file is not None:  # then the service's /query needs a server key
+        secret = first_server_secret(config.ingest_keys_file)
+        if secret is None:
+            raise QueryFailed(f"INGEST_KEYS_FILE {config.ingest_keys_file} has no server key, which /query needs")
+        headers["Authorization"] = f"Bearer {secret}"
     try:
         async with aiohttp.ClientSession() as session, session.post(
-            url, data=sql.encode(), params={"format": output_format}
+            url, data=sql.encode(), params={"format": output_format}, headers=headers,
+            # The service's own certificate on its own loopback address (TLS_CERT_FILE without
+            # ADMIN_PORT) may well be self-signed; the lock file is what says who is there.
+            ssl=False if url.startswith("https://") else True,
         ) as response:
             if response.status == 200:
                 return await response.text()

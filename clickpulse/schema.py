@@ -18,12 +18,17 @@ CREATE TABLE IF NOT EXISTS {database}.{table}{on_cluster}
     user_id     Nullable(String),
     value       Nullable(Float64),
     created_at  {timestamp_type},
-    properties  String
+    properties  String,
+    source_key  LowCardinality(String)
 )
 ENGINE = {engine}
 PARTITION BY toYYYYMM(created_at)
 ORDER BY (event_type, created_at){settings}
 """
+
+# Columns added after the first release, with their types: tables created before gain them at
+# start (`add_column_ddl`). source_key: the name of the ingest key that sent the row ('' without).
+ADDED_COLUMNS: tuple[tuple[str, str], ...] = (("source_key", "LowCardinality(String)"),)
 
 # Rows ClickHouse refused as data, with its error, for a person to inspect and replay.
 QUARANTINE_DDL_TEMPLATE = """\
@@ -131,6 +136,24 @@ def table_exists_query(database: str, table: str) -> str:
     """1 if the table exists, else 0; system.tables answers on every server version."""
     return (
         f"SELECT count() FROM system.tables WHERE database = {quote_string(database)} AND name = {quote_string(table)}"
+    )
+
+
+def column_exists_query(database: str, table: str, column: str) -> str:
+    """1 if the column exists, else 0."""
+    return (
+        f"SELECT count() FROM system.columns WHERE database = {quote_string(database)} "
+        f"AND table = {quote_string(table)} AND name = {quote_string(column)}"
+    )
+
+
+def add_column_ddl(database: str, table: str, column: str, column_type: str, capabilities: ServerCapabilities) -> str:
+    """ALTER TABLE … ADD COLUMN; with IF NOT EXISTS where the server parses it (not 18.16, which
+    the caller asks system.columns first), so two instances starting at once both succeed."""
+    if_not_exists = " IF NOT EXISTS" if parse_version(capabilities.version) >= (19, 0) else ""
+    return (
+        f"ALTER TABLE {quote_identifier(database)}.{quote_identifier(table)} "
+        f"ADD COLUMN{if_not_exists} {quote_identifier(column)} {column_type}"
     )
 
 

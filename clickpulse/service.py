@@ -27,6 +27,14 @@ from clickpulse.batcher import Batcher
 from clickpulse.clickhouse import ClickHouseConnection, EmbeddedClickHouse, HttpClickHouse
 from clickpulse.config import Config
 from clickpulse.http.app import HttpApp
+from clickpulse.http.connections import ConnectionGuard, GuardedSite
+from clickpulse.http.edge import Edge
+from clickpulse.http.keys import KeyStore
+from clickpulse.http.origins import OriginPatterns
+from clickpulse.http.query_guard import readonly_statement
+from clickpulse.http.ratelimit import parse_networks
+from clickpulse.http.responses import Rejections
+from clickpulse.http.tls import TlsFiles
 from clickpulse.intake import MemoryIntake
 from clickpulse.memory_limit import MemoryLimit
 from clickpulse.messages import Batch, Delivery
@@ -45,6 +53,8 @@ HTTP_DRAIN_SECONDS = 5.0
 SPOOL_SEGMENT_BYTES = 32 << 20
 # How long start() waits for the spool's recovery before it listens anyway.
 RECOVERY_WAIT_SECONDS = 1.0
+
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 
 Actor = Callable[[], Coroutine[Any, Any, None]]
 
@@ -86,6 +96,8 @@ class Pipeline:
 
 def build_pipeline(config: Config, metrics: PipelineMetrics) -> Pipeline:
     """Every part, wired; nothing started. Call inside the event loop that will run it."""
+    # The keys file first: a bad one (KeyFileError, exit 2) must not leave DATA_DIR locked.
+    keys = KeyStore(config.ingest_keys_file)
     # First, so that a missing chdb or a busy DATA_DIR stops the start before anything opens.
     embedded = EmbeddedClickHouse(config.data_dir) if config.clickhouse is None else None
     # Every ClickHouse request has its own time limit (CLICKHOUSE_TIMEOUT) in the Writer.
@@ -159,7 +171,7 @@ def build_pipeline(config: Config, metrics: PipelineMetrics) -> Pipeline:
         async def query(sql: str, output_format: str) -> str:
             # The server-side limit ends the statement; this one, a little later, the wait for it.
             async with asyncio.timeout(time_limit + 5):
-                return await store.query_text(sql, "default", output_format, time_limit)
+                return await store.query_text(readonly_statement(sql), "default", output_format, time_limit)
 
     def listening(url: str) -> None:
         if embedded is not None:
@@ -167,6 +179,19 @@ def build_pipeline(config: Config, metrics: PipelineMetrics) -> Pipeline:
         if isinstance(buffering, Spool):
             buffering.advertise(url)
 
+    rejections = Rejections(metrics.receiver)
+    edge = Edge(
+        keys=keys,
+        cors_origins=OriginPatterns.parse(config.cors_origins or ()),
+        rate_limit=config.rate_limit_events_per_second,
+        rate_burst=config.rate_limit_burst,
+        trusted_proxies=parse_networks(",".join(config.trusted_proxies or ())),
+        max_body_bytes=config.max_body_bytes,
+        max_inflight_body_bytes=config.max_inflight_body_bytes,
+        body_timeout=config.body_read_timeout,
+        rejections=rejections,
+        metrics=metrics.receiver,
+    )
     pipeline: Pipeline
     http = HttpApp(
         intake=buffering,
@@ -178,6 +203,9 @@ def build_pipeline(config: Config, metrics: PipelineMetrics) -> Pipeline:
         pipeline_down=lifeline.down,
         metrics=metrics,
         query=query,
+        edge=edge,
+        rejections=rejections,
+        keepalive_timeout=config.keepalive_timeout,
     )
     pipeline = Pipeline(
         config=config,
@@ -210,6 +238,11 @@ class Service:
 
     def __init__(self, config: Config, registry: Registry | None = None) -> None:
         self.config = config
+        # TLS first: a bad certificate is a ConfigError (exit 2) before anything opens.
+        self._tls = (
+            TlsFiles(config.tls_cert_file, config.tls_key_file)
+            if config.tls_cert_file is not None and config.tls_key_file is not None else None
+        )
         self.metrics = PipelineMetrics(registry)
         self.pipeline = build_pipeline(config, self.metrics)
         self.failed = asyncio.Event()
@@ -220,9 +253,16 @@ class Service:
         # aiohttp waits up to shutdown_timeout for a handler to finish, then as long again once it
         # is cancelled: the HTTP drain takes at most half of SHUTDOWN_TIMEOUT, inside its deadline.
         http_drain = min(HTTP_DRAIN_SECONDS, config.shutdown_timeout / 4)
+        http = self.pipeline.http
+        self.admin_port: int | None = None
         self._runner = web.AppRunner(
-            self.pipeline.http.build(), handle_signals=False, shutdown_timeout=http_drain,
+            http.build(operational=config.admin_port is None), handle_signals=False, shutdown_timeout=http_drain,
             access_log=access_logger(config.access_log), access_log_class=AccessLogger,
+            **http.server_options(),
+        )
+        self._admin_runner = (
+            web.AppRunner(http.build_admin(), access_log=None, handle_signals=False, shutdown_timeout=http_drain)
+            if config.admin_port is not None else None
         )
 
     async def start(self) -> None:
@@ -238,18 +278,49 @@ class Service:
             for name, run in pipeline.actors.items():
                 self._start_actor(name, run())
             await self._runner.setup()
-            await web.TCPSite(self._runner, config.http_host, config.http_port).start()
+            guard = ConnectionGuard(
+                max_connections=config.max_connections, head_timeout=config.head_read_timeout,
+                rejections=pipeline.http.rejections,
+            )
+            await GuardedSite(
+                self._runner, config.http_host, config.http_port, guard=guard,
+                ssl_context=self._tls.context if self._tls is not None else None,
+            ).start()
+            if self._admin_runner is not None:
+                assert config.admin_port is not None
+                await self._admin_runner.setup()
+                await web.TCPSite(self._admin_runner, config.admin_host, config.admin_port).start()
+                self.admin_port = self._admin_runner.addresses[0][1]
         except BaseException:
             # The port is taken, say: nothing may be left open behind the error.
             await self._close_after_failed_start()
             raise
         self.port = self._runner.addresses[0][1]
-        pipeline.listening(f"http://{local_address(config.http_host)}:{self.port}")
+        scheme = "https" if self._tls is not None else "http"
+        if self.admin_port is not None:  # where `python -m clickpulse query` finds /query
+            pipeline.listening(f"http://{local_address(config.admin_host)}:{self.admin_port}")
+        else:
+            pipeline.listening(f"{scheme}://{local_address(config.http_host)}:{self.port}")
         log.info(
-            "clickpulse listening on http://%s:%d, writing to %s, table %s; ack mode %s, %s",
-            config.http_host, self.port, pipeline.connection.description, config.clickhouse_table, config.ack_mode,
+            "clickpulse listening on %s://%s:%d%s, writing to %s, table %s; ack mode %s, %s",
+            scheme, config.http_host, self.port,
+            f" (operational routes on http://{config.admin_host}:{self.admin_port})" if self.admin_port else "",
+            pipeline.connection.description, config.clickhouse_table, config.ack_mode,
             f"spool in {config.spool_dir}" if config.spool_dir else "no spool (events are held in memory only)",
         )
+
+        if not self.pipeline.http.edge.keys.configured and config.http_host not in LOOPBACK_HOSTS:
+            log.warning(
+                "no INGEST_KEYS_FILE: anyone who can reach %s:%d can write events; "
+                "set INGEST_KEYS_FILE (see README, Security) or listen on 127.0.0.1",
+                config.http_host, self.port,
+            )
+
+    def reload(self) -> None:
+        """SIGHUP: the ingest keys file and the TLS files again; bad ones keep what is in use."""
+        self.pipeline.http.edge.reload()
+        if self._tls is not None:
+            self._tls.reload()
 
     def not_ready_reason(self) -> str | None:
         return self.pipeline.not_ready_reason()
@@ -259,6 +330,8 @@ class Service:
         self.abort()
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
         await self._runner.cleanup()
+        if self._admin_runner is not None:
+            await self._admin_runner.cleanup()
         pipeline = self.pipeline
         await self._recovery_ended()
         await pipeline.buffering.close()
@@ -273,6 +346,8 @@ class Service:
         deadline = asyncio.get_running_loop().time() + self.config.shutdown_timeout
         pipeline.http.stop_intake()
         await self._runner.cleanup()  # stops listening, waits for in-flight requests
+        if self._admin_runner is not None:
+            await self._admin_runner.cleanup()
         pipeline.buffering.stop_forwarding()
         for name, stop in (("batcher", pipeline.batcher.stop), ("writer", pipeline.writer.stop)):
             task = self._tasks[name]
@@ -352,6 +427,7 @@ async def serve(config: Config) -> int:
     stop_requested = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop_requested.set)
+    loop.add_signal_handler(signal.SIGHUP, service.reload)
     waiters = [asyncio.create_task(stop_requested.wait()), asyncio.create_task(service.failed.wait())]
     await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     for waiter in waiters:

@@ -215,11 +215,24 @@ BAD_VALUES = {
     "ACK_MODE": "eventually",
     "ACK_TIMEOUT": "0",
     "CLICKHOUSE_DOWN_GRACE": "soon",
+    "INGEST_KEYS_FILE": "   ",
+    "CORS_ORIGINS": "https://ok.example, shop.example",
+    "RATE_LIMIT_EVENTS_PER_SECOND": "0",
+    "RATE_LIMIT_BURST": "-3",
+    "TRUSTED_PROXIES": "10.0.0.0/8, not-an-address",
+    "MAX_INFLIGHT_BODY_BYTES": "lots",
+    "BODY_READ_TIMEOUT": "0",
+    "KEEPALIVE_TIMEOUT": "forever",
+    "HEAD_READ_TIMEOUT": "0s",
+    "MAX_CONNECTIONS": "none",
+    "TLS_CERT_FILE": "  ",
+    "TLS_KEY_FILE": "  ",
+    "ADMIN_PORT": "70000",
 }
 
 
 def test_every_setting_except_http_host_has_a_bad_value_case() -> None:
-    assert set(BAD_VALUES) == {setting.variable for setting in SETTINGS} - {"HTTP_HOST"}
+    assert set(BAD_VALUES) == {setting.variable for setting in SETTINGS} - {"HTTP_HOST", "ADMIN_HOST"}
 
 
 @pytest.mark.parametrize(("variable", "value"), sorted(BAD_VALUES.items()))
@@ -506,3 +519,25 @@ def test_an_at_sign_inside_the_query_forms_password_is_fine() -> None:
 def test_the_location_of_a_target_names_neither_user_nor_password() -> None:
     target = parse_dsn("http://app:hunter2@clickhouse:8123/analytics")
     assert target.location == "http://clickhouse:8123/analytics"
+def test_edge_settings_parse() -> None:
+    config = load_config([], {
+        "CORS_ORIGINS": "https://shop.example, https://*.shop.example",
+        "RATE_LIMIT_EVENTS_PER_SECOND": "2.5",
+        "RATE_LIMIT_BURST": "10",
+        "TRUSTED_PROXIES": "10.0.0.0/8, 127.0.0.1",
+        "MAX_INFLIGHT_BODY_BYTES": "8MiB",
+    })
+    assert config.cors_origins == ("https://shop.example", "https://*.shop.example")
+    assert (config.rate_limit_events_per_second, config.rate_limit_burst) == (2.5, 10)
+    assert config.trusted_proxies == ("10.0.0.0/8", "127.0.0.1/32")
+    assert config.max_inflight_body_bytes == 8 << 20
+
+
+def test_a_burst_without_a_rate_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="RATE_LIMIT_BURST"):
+        load_config([], {"RATE_LIMIT_BURST": "5"})
+
+
+def test_tls_needs_both_files() -> None:
+    with pytest.raises(ConfigError, match="TLS_CERT_FILE/TLS_KEY_FILE: set both"):
+        load_config([], {"TLS_CERT_FILE": "/etc/cert.pem"})

@@ -334,7 +334,8 @@ def test_prometheus_scrapes_clickpulse_at_its_compose_address_and_loads_the_moun
     services = read_compose()["services"]
     mounts = {m.target: m.source for m in compose_mounts(services["prometheus"])}
     config = yaml.safe_load((ROOT / mounts["/etc/prometheus/prometheus.yml"]).read_text())
-    http_port = load_config([], compose_environment(services["clickpulse"])).http_port
+    clickpulse = load_config([], compose_environment(services["clickpulse"]))
+    scrape_port = clickpulse.admin_port or clickpulse.http_port  # /metrics lives on ADMIN_PORT when set
 
     targets = [
         target
@@ -342,7 +343,7 @@ def test_prometheus_scrapes_clickpulse_at_its_compose_address_and_loads_the_moun
         for static in job.get("static_configs", [])
         for target in static.get("targets", [])
     ]
-    assert f"clickpulse:{http_port}" in targets, targets
+    assert f"clickpulse:{scrape_port}" in targets, targets
     for rule_file in config.get("rule_files", []):
         resolved = rule_file if rule_file.startswith("/") else f"/etc/prometheus/{rule_file}"
         assert resolved in mounts, f"prometheus.yml loads {rule_file}, which compose does not mount"
@@ -491,22 +492,26 @@ def k8s_config() -> Config:
     return load_config([], {**k8s_resource("ConfigMap")["data"], **k8s_resource("Secret")["stringData"]})
 
 
-def test_container_port_service_and_scrape_annotations_agree_with_http_port() -> None:
+def test_container_ports_service_and_scrape_annotations_agree_with_http_and_admin_port() -> None:
     container, _ = container_and_pod()
-    (port,) = container["ports"]
+    port, admin = container["ports"]
     annotations = k8s_resource("Deployment")["spec"]["template"]["metadata"]["annotations"]
     (service_port,) = k8s_resource("Service")["spec"]["ports"]
+    config = k8s_config()
 
-    assert port["containerPort"] == k8s_config().http_port
+    assert (port["name"], port["containerPort"]) == ("http", config.http_port)
+    assert (admin["name"], admin["containerPort"]) == ("admin", config.admin_port)
+    assert config.admin_host == "0.0.0.0"  # probes and scrapes come over the pod network
+    # The Service (the public side) reaches only the events port.
     assert service_port["targetPort"] in (port["name"], port["containerPort"])
     assert annotations["prometheus.io/scrape"] == "true"
-    assert int(annotations["prometheus.io/port"]) == port["containerPort"]
+    assert int(annotations["prometheus.io/port"]) == admin["containerPort"]
     assert annotations["prometheus.io/path"] == "/metrics"
 
 
-def test_probes_ask_readiness_liveness_and_startup_on_the_http_port() -> None:
+def test_probes_ask_readiness_liveness_and_startup_on_the_admin_port() -> None:
     container, _ = container_and_pod()
-    (port,) = container["ports"]
+    _, port = container["ports"]
 
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"

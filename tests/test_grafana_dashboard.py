@@ -200,3 +200,9 @@ def test_the_import_variant_asks_for_the_prometheus_datasource_and_is_otherwise_
     assert variable == {key: value for key, value in provisioned.items() if key != "current"}
     assert {**imported, "templating": None} == {**BOARD, "templating": None}
     assert "DS_PROMETHEUS" not in (GRAFANA_DIR / "dashboards" / "clickpulse.json").read_text()  # provisioning substitutes nothing
+def test_the_client_fault_panel_selects_exactly_the_client_fault_reasons() -> None:
+    from clickpulse.metrics import CLIENT_FAULTS
+    from tests.promql import dashboard_generator
+
+    listed = re.fullmatch(r'reason=~"(.*)"', dashboard_generator().CLIENT_FAULT_MATCHER)
+    assert listed is not None and set(listed.group(1).split("|")) == CLIENT_FAULTS

@@ -68,7 +68,7 @@ def test_prometheus_yml_scrapes_the_job_the_alerts_select() -> None:
     assert config["rule_files"] == ["alerts.yml"]
     (job,) = config["scrape_configs"]
     assert job["job_name"] == "clickpulse"
-    assert job["static_configs"] == [{"targets": ["clickpulse:8080"]}]
+    assert job["static_configs"] == [{"targets": ["clickpulse:9091"]}]  # ADMIN_PORT in compose.yaml
     for rule in RULES:
         for selector in re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*\{[^}]*\}", rule["expr"]):
             assert 'job="clickpulse"' in selector, rule["alert"]

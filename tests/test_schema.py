@@ -81,6 +81,7 @@ def test_table_ddl_declares_every_event_column() -> None:
         "value": "Nullable(Float64)",
         "created_at": "DateTime64(3, 'UTC')",
         "properties": "String",
+        "source_key": "LowCardinality(String)",
     }
 
 
@@ -183,3 +184,12 @@ def test_table_exists_query_quotes_its_names() -> None:
     assert table_exists_query("db", "ev'il") == (
         "SELECT count() FROM system.tables WHERE database = 'db' AND name = 'ev\\'il'"
     )
+
+
+def test_add_column_uses_if_not_exists_except_where_the_server_cannot_parse_it() -> None:
+    from clickpulse.schema import add_column_ddl
+
+    assert add_column_ddl("db", "events", "source_key", "LowCardinality(String)", capabilities_for("24.8")) == (
+        "ALTER TABLE `db`.`events` ADD COLUMN IF NOT EXISTS `source_key` LowCardinality(String)"
+    )
+    assert "IF NOT EXISTS" not in add_column_ddl("db", "events", "source_key", "String", capabilities_for("18.16.1"))

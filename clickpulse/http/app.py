@@ -12,8 +12,13 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import hdrs, web
 
+from clickpulse.http.connections import GuardedRequestHandler
+from clickpulse.http.edge import Edge
 from clickpulse.http.events import EventsEndpoint
-from clickpulse.http.responses import Rejections, json_response
+from clickpulse.http.keys import KeyStore
+from clickpulse.http.origins import OriginPatterns
+from clickpulse.http.query_guard import QueryRefused, check_query
+from clickpulse.http.responses import Rejections, ServerLog, json_response
 from clickpulse.messages import AckMode
 from clickpulse.metrics import PipelineMetrics
 from clickpulse.openapi import QUERY_FORMATS, encoded_document
@@ -23,15 +28,6 @@ log = logging.getLogger("clickpulse.http")
 
 METHOD_LABELS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 LOOPBACK_ADDRESSES = frozenset({"127.0.0.1", "::1"})
-READ_ONLY_STATEMENTS = frozenset({"SELECT", "WITH", "SHOW", "DESCRIBE", "DESC", "EXISTS", "EXPLAIN"})
-_LEADING_COMMENTS = re.compile(r"(?:\s|--[^\n]*(?:\n|$)|/\*.*?\*/)*", re.DOTALL)
-
-
-def first_keyword(sql: str) -> str:
-    """The statement's first word, upper-cased, after any leading `--` and `/* */` comments."""
-    rest = sql[_LEADING_COMMENTS.match(sql).end():]  # type: ignore[union-attr]  # `*` always matches
-    words = rest.split(None, 1)
-    return re.split(r"[^A-Za-z]", words[0], maxsplit=1)[0].upper() if words else ""
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Query = Callable[[str, str], Awaitable[str]]  # (sql, output format) → the result's text
@@ -50,6 +46,9 @@ class HttpApp:
         pipeline_down: asyncio.Future[None],
         metrics: PipelineMetrics,
         query: Query | None = None,
+        edge: Edge | None = None,
+        rejections: Rejections | None = None,
+        keepalive_timeout: float = 75.0,
     ) -> None:
         self._max_body_bytes = max_body_bytes
         self._not_ready_reason = not_ready_reason
@@ -57,6 +56,14 @@ class HttpApp:
         self._openapi = encoded_document(with_query=query is not None)
         self._metrics = metrics
         self._draining = False
+        self._keepalive_timeout = keepalive_timeout
+        rejections = rejections if rejections is not None else Rejections(metrics.receiver)
+        self.rejections = rejections
+        self.edge = edge if edge is not None else Edge(
+            keys=KeyStore(None), cors_origins=OriginPatterns(), rate_limit=None, rate_burst=None,
+            trusted_proxies=(), max_body_bytes=max_body_bytes, max_inflight_body_bytes=0, body_timeout=30.0,
+            rejections=rejections, metrics=metrics.receiver,
+        )
         self.events = EventsEndpoint(
             intake=intake,
             max_body_bytes=max_body_bytes,
@@ -65,20 +72,48 @@ class HttpApp:
             ack_timeout=ack_timeout,
             draining=lambda: self._draining,
             pipeline_down=pipeline_down,
-            rejections=Rejections(metrics.receiver),
+            rejections=rejections,
             metrics=metrics.receiver,
+            edge=self.edge,
         )
 
-    def build(self) -> web.Application:
+    def server_options(self) -> dict[str, object]:
+        """Keyword arguments for aiohttp's server (AppRunner, TestServer): the edge decodes
+        bodies itself, under its bounds, and idle connections are closed."""
+        return {
+            "auto_decompress": False,
+            "keepalive_timeout": self._keepalive_timeout,
+            "max_line_size": 8190,
+            "max_field_size": 8190,
+            "max_headers": 64,
+            # After an answer to a body not read to its end (413, 401...), how long aiohttp reads
+            # and discards the rest so the client sees the answer: short, or it is a slowloris.
+            "lingering_time": 2.0,
+            "logger": ServerLog(self.rejections),
+        }
+
+    def build(self, *, operational: bool = True) -> web.Application:
+        """The public application; without the operational routes when they live on ADMIN_PORT."""
         app = web.Application(client_max_size=self._max_body_bytes, middlewares=[self._observe])
         app.router.add_post("/events", self.events.post)
+        app.router.add_route("OPTIONS", "/events", self.edge.preflight)
+        if operational:
+            self._add_operational(app)
+        return app
+
+    def build_admin(self) -> web.Application:
+        """ADMIN_PORT's application: /healthz, /readyz, /metrics and /query."""
+        app = web.Application(client_max_size=self._max_body_bytes, middlewares=[self._observe])
+        self._add_operational(app)
+        return app
+
+    def _add_operational(self, app: web.Application) -> None:
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/openapi.json", self.openapi)
         if self._query is not None:
             app.router.add_post("/query", self.run_query)
-        return app
 
     def stop_intake(self) -> None:
         """From now on POST /events answers 503 and /readyz reports shutting down."""
@@ -93,14 +128,20 @@ class HttpApp:
         output_format = request.query.get("format", QUERY_FORMATS[0])
         if output_format not in QUERY_FORMATS:
             return json_response(400, {"error": f"format must be one of {', '.join(QUERY_FORMATS)}"})
+        keys = self.edge.keys
+        if keys.configured:
+            # A reverse proxy on this host makes every request look local: with keys, a server key too.
+            refusal = self.edge.admit_server_key(request)
+            if refusal is not None:
+                return refusal
         try:
-            sql = (await request.read()).decode(request.charset or "utf-8").strip()
+            text = (await request.read()).decode(request.charset or "utf-8")
         except (UnicodeDecodeError, LookupError) as error:
             return json_response(400, {"error": f"the query body is not text in {request.charset or 'utf-8'}: {error}"})
-        if first_keyword(sql) not in READ_ONLY_STATEMENTS:
-            return json_response(400, {
-                "error": f"only statements that read: {', '.join(sorted(READ_ONLY_STATEMENTS))}",
-            })
+        try:
+            sql = check_query(text)
+        except QueryRefused as refused:
+            return json_response(400, {"error": str(refused)})
         try:
             text = await self._query(sql, output_format)
         except Exception as error:  # noqa: BLE001 - ClickHouse's own message is the answer
@@ -127,9 +168,15 @@ class HttpApp:
     async def _observe(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.perf_counter()
         response: web.StreamResponse
+        protocol = request.protocol
+        guarded = protocol if isinstance(protocol, GuardedRequestHandler) else None
+        if guarded is not None:
+            guarded.head_received()
         try:
             response = await handler(request)
         except web.HTTPException as error:
+            if error.status == 413:  # aiohttp's own client_max_size, on routes that read a body
+                self.rejections.count("too_large")
             headers = {name: value for name, value in error.headers.items() if name == hdrs.ALLOW}
             message = error.reason if error.status != 404 else f"no route for {request.path}"
             response = json_response(error.status, {"error": message}, headers)
@@ -145,4 +192,6 @@ class HttpApp:
         receiver.http_request_duration.observe(labels, time.perf_counter() - started)
         labels["status"] = str(response.status)
         receiver.http_requests.inc(labels)
+        if guarded is not None:
+            guarded.request_done()
         return response

@@ -15,6 +15,7 @@ import msgspec
 from aiohttp import hdrs, web
 
 from clickpulse.events import EventDecoder, RowEncoder
+from clickpulse.http.edge import OPEN, Admission, Edge
 from clickpulse.http.responses import Rejections, json_response
 from clickpulse.messages import ACK_MODES, AckMode, PipelineDown, Refused, RowsRejected
 from clickpulse.metrics import ReceiverMetrics
@@ -41,8 +42,10 @@ class EventsEndpoint:
         pipeline_down: asyncio.Future[None],
         rejections: Rejections,
         metrics: ReceiverMetrics,
+        edge: Edge,
     ) -> None:
         self._intake = intake
+        self._edge = edge
         self._max_body_bytes = max_body_bytes
         self._max_batch_events = max_batch_events
         self._ack_mode = ack_mode
@@ -55,6 +58,14 @@ class EventsEndpoint:
         self._encoder = RowEncoder()
 
     async def post(self, request: web.Request) -> web.Response:
+        edge = self._edge
+        admission = edge.admit(request)
+        if isinstance(admission, web.Response):
+            return admission
+        response = await self._post(request, admission)
+        return response if admission is OPEN else edge.finish(admission, response)
+
+    async def _post(self, request: web.Request, admission: Admission) -> web.Response:
         reject = self._rejections.reject
         if self._draining():
             return self._rejections.unavailable(
@@ -75,16 +86,12 @@ class EventsEndpoint:
                     f"unsupported Content-Type {content_type!r}; send application/json, "
                     "application/x-ndjson or text/plain",
                 )
-        if request.content_length is not None and request.content_length > self._max_body_bytes:
-            return self._too_large_body()
-        try:
-            body = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            return self._too_large_body()
-        except web.RequestPayloadError as error:  # e.g. Content-Encoding: gzip on a body that is not
-            cause = getattr(error.__cause__, "message", None) or str(error.__cause__ or error)
-            return reject("invalid", 400, f"cannot read the request body: {' '.join(str(cause).split())}")
-        self._metrics.request_body_bytes.observe({}, len(body))
+        edge = self._edge
+        body = edge.read_body_now(request, admission)
+        if body is None:
+            body = await edge.read_body(request, admission)
+        if isinstance(body, web.Response):
+            return body
         if not body.strip():
             return reject("invalid", 400, "empty body: send a JSON object, a JSON array or NDJSON lines")
         try:
@@ -102,12 +109,17 @@ class EventsEndpoint:
             )
         if not count:
             return json_response(202, {"status": "accepted", "accepted": 0})
+        limited = self._edge.charge(admission, count)
+        if limited is not None:
+            return limited
+        rows = self._encoder.encode(events)
+        if admission.key is not None:
+            rows = with_source_key(rows, admission.key.name)
         loop = asyncio.get_running_loop()
         confirmation = loop.create_future() if ack_mode == "clickhouse" else None
         try:
             await self._intake.accept(
-                self._encoder.encode(events), count, loop.time(),
-                durable=ack_mode != "memory", confirmation=confirmation,
+                rows, count, loop.time(), durable=ack_mode != "memory", confirmation=confirmation,
             )
         except Refused as refusal:
             return self._rejections.unavailable(refusal.reason, str(refusal), refusal.retry_after)
@@ -115,6 +127,7 @@ class EventsEndpoint:
             return self._rejections.unavailable("overloaded", f"{down}; retry later", RETRY_AFTER_PIPELINE_DOWN)
         self._metrics.events_received.add({}, count)
         self._metrics.events_per_request.observe({}, count)
+        self._edge.accepted(admission, count)
         if confirmation is not None:
             return await self._await_confirmation(confirmation, is_batch)
         if is_batch:
@@ -162,7 +175,8 @@ class EventsEndpoint:
                 return known
         return None
 
-    def _too_large_body(self) -> web.Response:
-        return self._rejections.reject(
-            "too_large", 413, f"request body larger than {self._max_body_bytes} bytes (MAX_BODY_BYTES)"
-        )
+
+def with_source_key(rows: bytes, name: str) -> bytes:
+    """Adds `"source_key": name` to every JSONEachRow line. Each line is one JSON object and ends
+    with `}\n`; JSON text never holds a raw newline, so `}\n` occurs only at the ends."""
+    return rows.replace(b"}\n", b',"source_key":' + msgspec.json.encode(name) + b"}\n")

@@ -14,8 +14,11 @@ from collections.abc import Callable
 from clickpulse.clickhouse import ClickHouseConnection
 from clickpulse.metrics import WriterMetrics
 from clickpulse.schema import (
+    ADDED_COLUMNS,
     ServerCapabilities,
+    add_column_ddl,
     capabilities_for,
+    column_exists_query,
     database_ddl,
     quarantine_ddl,
     table_ddl,
@@ -76,6 +79,7 @@ class Readiness:
             if self._create_table:
                 await connection.execute(database_ddl(database), settings)
                 await connection.execute(table_ddl(database, self._table, capabilities), settings)
+                await self._add_missing_columns(capabilities)
                 await connection.execute(quarantine_ddl(database, self._table), settings)
             elif not int(await connection.query_value(table_exists_query(database, self._table))):
                 # Creating it here would make a plain MergeTree table where a Distributed (or any
@@ -98,6 +102,16 @@ class Readiness:
         self._schema_ready = True
         self.record_success()
         return capabilities
+
+    async def _add_missing_columns(self, capabilities: ServerCapabilities) -> None:
+        """A table made by an earlier version gains the columns added since (source_key)."""
+        connection, database, table = self._connection, self._database, self._table
+        for column, column_type in ADDED_COLUMNS:
+            if not int(await connection.query_value(column_exists_query(database, table, column))):
+                await connection.execute(
+                    add_column_ddl(database, table, column, column_type, capabilities), capabilities.create_settings
+                )
+                log.info("table %s.%s: added column %s %s", database, table, column, column_type)
 
     async def health_check(self) -> None:
         """While idle: does ClickHouse still answer?"""

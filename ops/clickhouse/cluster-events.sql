@@ -12,7 +12,8 @@ CREATE TABLE IF NOT EXISTS `clickpulse`.`events_local` ON CLUSTER `clickpulse_cl
     user_id     Nullable(String),
     value       Nullable(Float64),
     created_at  DateTime64(3, 'UTC'),
-    properties  String
+    properties  String,
+    source_key  LowCardinality(String)
 )
 ENGINE = ReplicatedMergeTree('/clickhouse/tables/{shard}/clickpulse/events_local', '{replica}')
 PARTITION BY toYYYYMM(created_at)

@@ -10,7 +10,8 @@ CREATE TABLE IF NOT EXISTS `clickpulse`.`events`
     user_id     Nullable(String),
     value       Nullable(Float64),
     created_at  DateTime64(3, 'UTC'),
-    properties  String
+    properties  String,
+    source_key  LowCardinality(String)
 )
 ENGINE = MergeTree
 PARTITION BY toYYYYMM(created_at)

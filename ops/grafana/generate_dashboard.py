@@ -45,6 +45,9 @@ RATE = "[$__rate_interval]"
 JsonObject = dict[str, Any]
 
 
+CLIENT_FAULT_MATCHER = 'reason=~"unauthorized|forbidden|rate_limited|client_disconnected|malformed|timeout"'
+
+
 def selector(metric: str, *matchers: str) -> str:
     return metric + "{" + ", ".join((INSTANCE, *matchers)) + "}"
 
@@ -282,6 +285,24 @@ def receiver_row() -> list[JsonObject]:
                 ),
             ],
             unit="short", width=12,
+        ),
+        timeseries(
+            "Client faults/s by reason",
+            "Requests refused for the client's own fault: unauthorized (no or unknown key, 401), forbidden "
+            "(origin not allowed, 403), rate_limited (429), client_disconnected (hung up mid-body), malformed "
+            "(unparsable HTTP, over-long lines or headers), timeout (slow head or body). A burst of unauthorized "
+            "or malformed is someone probing; rate_limited is a key or address over its limit.",
+            [target(
+                f"sum by (reason) ({rate('requests_rejected_total', CLIENT_FAULT_MATCHER)})", "{{reason}}",
+            )],
+            unit="reqps", width=12, stacked=True,
+        ),
+        timeseries(
+            "Accepted events/s by ingest key",
+            "Events answered 202 per second by the name of the key that sent them (INGEST_KEYS_FILE; none: "
+            "without a key).",
+            [target(f"sum by (key) ({rate('ingest_key_events_total')})", "{{key}}")],
+            unit="cps", width=12, stacked=True,
         ),
     ]
 

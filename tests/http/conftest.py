@@ -7,14 +7,21 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import aiohttp
 import msgspec
 import pytest
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.web_runner import BaseRunner
 
 from clickpulse.http.app import HttpApp
+from clickpulse.http.edge import Edge
+from clickpulse.http.keys import KeyStore
+from clickpulse.http.origins import OriginPatterns
+from clickpulse.http.ratelimit import parse_networks
+from clickpulse.http.responses import Rejections
 from clickpulse.intake import MemoryIntake
 from clickpulse.memory_limit import MemoryLimit
 from clickpulse.messages import AckMode, Delivery
@@ -75,11 +82,16 @@ class App:
     intake: BufferingPath
     pipeline_down: asyncio.Future[None]
 
-    async def post(self, body: bytes, content_type: str | None = "application/json", query: str = "", **kwargs: object) -> aiohttp.ClientResponse:
+    async def post(
+        self, body: bytes, content_type: str | None = "application/json", query: str = "",
+        headers: dict[str, str] | None = None, **kwargs: object,
+    ) -> aiohttp.ClientResponse:
         url = "/events" + (f"?{query}" if query else "")
+        headers = dict(headers or {})
         if content_type is None:
-            return await self.client.post(url, data=body, skip_auto_headers={"Content-Type"}, **kwargs)
-        return await self.client.post(url, data=body, headers={"Content-Type": content_type}, **kwargs)
+            return await self.client.post(url, data=body, skip_auto_headers={"Content-Type"}, headers=headers, **kwargs)
+        headers["Content-Type"] = content_type
+        return await self.client.post(url, data=body, headers=headers, **kwargs)
 
     async def metrics_text(self) -> str:
         response = await self.client.get("/metrics")
@@ -88,6 +100,22 @@ class App:
 
 
 MakeApp = Callable[..., Awaitable[App]]
+
+
+class ServiceLikeServer(TestServer):
+    """aiohttp's TestServer, but like the Service's AppRunner: handlers are not cancelled when
+    the client hangs up (aiohttp's default), so the tests see what production sees."""
+
+    async def _make_runner(self, **kwargs: Any) -> BaseRunner:
+        kwargs.pop("handler_cancellation", None)
+        return await super()._make_runner(**kwargs)
+
+
+async def serve_app(aiohttp_client: Callable[..., Awaitable[TestClient]], http: HttpApp) -> TestClient:
+    """A test client on a server with the service's own server options (auto_decompress off)."""
+    server = ServiceLikeServer(http.build())
+    await server.start_server(**http.server_options())
+    return await aiohttp_client(server)
 
 
 @pytest.fixture
@@ -103,6 +131,15 @@ async def make_app(aiohttp_client: Callable[..., Awaitable[TestClient]]) -> Asyn
         spool_dir: Path | None = None,
         spool_max_bytes: int = 1 << 20,
         enqueue_wait: float = 1.0,
+        keys_file: Path | None = None,
+        cors_origins: tuple[str, ...] = (),
+        rate_limit: float | None = None,
+        rate_burst: int | None = None,
+        trusted_proxies: str = "",
+        max_inflight_body_bytes: int = 0,
+        body_timeout: float = 30.0,
+        clock: Callable[[], float] | None = None,
+        query: Callable[[str], Awaitable[str]] | None = None,
     ) -> App:
         pipeline = FakeBatcher()
         metrics = PipelineMetrics()
@@ -123,7 +160,17 @@ async def make_app(aiohttp_client: Callable[..., Awaitable[TestClient]]) -> Asyn
         else:
             intake = MemoryIntake(memory=memory, to_batcher=pipeline.put, enqueue_wait=enqueue_wait)
         pipeline_down: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        rejections = Rejections(metrics.receiver)
+        edge = Edge(
+            keys=KeyStore(keys_file), cors_origins=OriginPatterns.parse(cors_origins), rate_limit=rate_limit,
+            rate_burst=rate_burst, trusted_proxies=parse_networks(trusted_proxies), max_body_bytes=MAX_BODY_BYTES,
+            max_inflight_body_bytes=max_inflight_body_bytes, body_timeout=body_timeout, rejections=rejections,
+            metrics=metrics.receiver, **({"clock": clock} if clock is not None else {}),
+        )
         http = HttpApp(
+            edge=edge,
+            rejections=rejections,
+            query=query,
             intake=intake,
             max_body_bytes=MAX_BODY_BYTES,
             max_batch_events=MAX_BATCH_EVENTS,
@@ -133,7 +180,7 @@ async def make_app(aiohttp_client: Callable[..., Awaitable[TestClient]]) -> Asyn
             pipeline_down=pipeline_down,
             metrics=metrics,
         )
-        client = await aiohttp_client(http.build())
+        client = await serve_app(aiohttp_client, http)
         app = App(client, pipeline, http, metrics, memory, intake, pipeline_down)
         built.append(app)
         return app

@@ -49,10 +49,12 @@ def healthcheck_commands() -> dict[str, list[str]]:
 
 def run_healthcheck(command: list[str], port: int, base_env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     """Runs the command as the container would, with this machine's Python standing in for the
-    image's `python`; the port comes through HTTP_PORT, which the command reads like the service."""
+    image's `python`; the port comes through ADMIN_PORT (the command prefers it to HTTP_PORT, as
+    the service serves /healthz there when it is set)."""
     argv = [sys.executable if part == "python" else part for part in command]
     return subprocess.run(
-        argv, env={**base_env, "HTTP_PORT": str(port)}, capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL
+        argv, env={**base_env, "HTTP_PORT": "1", "ADMIN_PORT": str(port)}, capture_output=True, text=True, timeout=30,
+        stdin=subprocess.DEVNULL,
     )
 
 
@@ -73,9 +75,11 @@ def wait_until_listening(url: str, process: subprocess.Popen[bytes], log: Path) 
 
 @pytest.fixture(scope="module")
 def deployed_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, dict[str, str]]]:
-    """`python -m clickpulse` with the image's and the ConfigMap's settings; yields (port, env)."""
+    """`python -m clickpulse` with the image's and the ConfigMap's settings; yields the port the
+    probes ask (ADMIN_PORT, moved to a free one here, when the ConfigMap sets it) and the env."""
     directory = tmp_path_factory.mktemp("deployed")
     port = free_port()
+    probe_port = port
     image_env = final_stage_env(read_dockerfile())
     settings = {name: value for name, value in image_env.items() if name in SETTING_NAMES}
     settings.update(k8s_resource("ConfigMap")["data"])
@@ -87,6 +91,9 @@ def deployed_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple
         # Nothing listens there: the liveness answer must not depend on ClickHouse.
         CLICKHOUSE_DSN=f"http://127.0.0.1:{free_port()}/clickpulse",
     )
+    if "ADMIN_PORT" in settings:
+        probe_port = free_port()
+        settings.update(ADMIN_HOST="127.0.0.1", ADMIN_PORT=str(probe_port))
     base_env = clean_environment(os.environ)
     root = str(Path(__file__).resolve().parents[2])
     base_env["PYTHONPATH"] = root + os.pathsep + base_env.get("PYTHONPATH", "")
@@ -97,8 +104,8 @@ def deployed_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple
             stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
     try:
-        wait_until_listening(f"http://127.0.0.1:{port}/healthz", process, log)
-        yield port, base_env
+        wait_until_listening(f"http://127.0.0.1:{probe_port}/healthz", process, log)
+        yield probe_port, base_env
     finally:
         stop_process(process)
 
@@ -160,6 +167,8 @@ def test_every_probed_and_scraped_path_is_served(deployed_service: tuple[int, di
     port, _ = deployed_service
     deployment = k8s_resource("Deployment")["spec"]["template"]
     (container,) = deployment["spec"]["containers"]
+    assert all(container[probe]["httpGet"]["port"] == "admin" for probe in ("startupProbe", "livenessProbe",
+                                                                          "readinessProbe"))
     healthcheck_paths = {
         re.search(r"127\.0\.0\.1:[^/]*(/\w+)", " ".join(command)).group(1) for command in healthcheck_commands().values()
     }
