@@ -89,6 +89,44 @@ _RETRY_AFTER = {
 }
 
 
+_RATE_LIMIT = {
+    **_RETRY_AFTER,
+    "RateLimit-Limit": {"description": "the bucket's burst, in events", "schema": {"type": "string"}},
+    "RateLimit-Remaining": {"description": "events left in the bucket", "schema": {"type": "string"}},
+    "RateLimit-Reset": {"description": "seconds until the bucket is full again", "schema": {"type": "string"}},
+}
+_WWW_AUTHENTICATE = {
+    "WWW-Authenticate": {"description": 'always `Bearer realm="clickpulse"`', "required": True, "schema": {"type": "string"}},
+}
+# What the edge (clickpulse/http/edge.py) answers for every route that writes.
+_EDGE_RESPONSES = {
+    "401": _json(Error, "INGEST_KEYS_FILE is set and the request has no key or an unknown one", _WWW_AUTHENTICATE),
+    "403": _json(Error, "a browser key from an origin not in its list, or without Origin"),
+    "408": _json(Error, "the body did not arrive within BODY_READ_TIMEOUT"),
+    "429": _json(Error, "over the key's or the client address's rate limit; nothing of the request was stored", _RATE_LIMIT),
+}
+_KEY_PARAMETER = {
+    "name": "key", "in": "query", "required": False,
+    "description": "a browser key (sendBeacon cannot set headers); a server key here is refused",
+    "schema": {"type": "string"},
+}
+
+
+def _preflight_operation() -> dict[str, Any]:
+    return {
+        "operationId": "preflightEvents",
+        "summary": "CORS preflight: what a browser asks before a JSON fetch()",
+        "responses": {
+            "204": {
+                "description": (
+                    "from an allowed origin (CORS_ORIGINS or a browser key's origins) with the "
+                    "Access-Control-Allow-* headers; from any other origin without them"
+                ),
+            },
+        },
+    }
+
+
 def _events_operation() -> dict[str, Any]:
     event_or_events = {"oneOf": [_ref(Event), {"type": "array", "items": _ref(Event)}]}
     return {
@@ -112,6 +150,7 @@ def _events_operation() -> dict[str, Any]:
                 "description": "`true` (or `1`, `yes`) is `ack=clickhouse`",
                 "schema": {"type": "string", "enum": ["true", "false", "1", "0", "yes", "no"]},
             },
+            _KEY_PARAMETER,
         ],
         "requestBody": {
             "required": True,
@@ -130,10 +169,11 @@ def _events_operation() -> dict[str, Any]:
             "202": _json(Accepted, "ack mode memory or disk: accepted"),
             "400": _json(Error, "invalid JSON, an invalid event, an empty body or an unknown ack mode"),
             "413": _json(Error, "body larger than MAX_BODY_BYTES, or more than MAX_BATCH_EVENTS events"),
-            "415": _json(Error, "a Content-Type other than JSON, NDJSON or text/plain"),
+            "415": _json(Error, "a Content-Type other than JSON, NDJSON or text/plain, or an unknown Content-Encoding"),
             "422": _json(PartlyRejected, "ack mode clickhouse: ClickHouse rejected some rows; they are in the quarantine"),
             "503": _json(Error, "the pipeline or the spool is full or unwritable, or the service is shutting down", _RETRY_AFTER),
             "504": _json(Error, "ack mode clickhouse: not confirmed within ACK_TIMEOUT; the events stay queued"),
+            **_EDGE_RESPONSES,
         },
     }
 
@@ -156,6 +196,7 @@ def _query_operation() -> dict[str, Any]:
         "responses": {
             "200": {"description": "the result in the asked format", "content": {"text/plain": {"schema": {"type": "string"}}}},
             "400": _json(Error, "not a read-only statement, an unknown format, or ClickHouse's error"),
+            "401": _json(Error, "INGEST_KEYS_FILE is set and the request has no server key", _WWW_AUTHENTICATE),
             "403": _json(Error, "the request did not come from this machine"),
         },
     }
@@ -171,7 +212,7 @@ def openapi_document(*, with_query: bool = True) -> dict[str, Any]:
         "object of at most 64 entries, stored as JSON text."
     )
     paths: dict[str, Any] = {
-        "/events": {"post": _events_operation()},
+        "/events": {"post": _events_operation(), "options": _preflight_operation()},
         "/healthz": {"get": {
             "operationId": "healthz", "summary": "Liveness: 200 while the process serves",
             "responses": {"200": _json(Health, "the process serves")},

@@ -383,7 +383,7 @@ async def test_a_client_hanging_up_mid_body_is_counted_without_a_traceback(
 async def test_query_route_refuses_what_does_not_read(make_app: MakeApp) -> None:
     asked: list[str] = []
 
-    async def query(sql: str) -> str:
+    async def query(sql: str, output_format: str = "PrettyCompactMonoBlock") -> str:
         asked.append(sql)
         return "1\n"
 
@@ -405,7 +405,7 @@ async def test_query_route_refuses_what_does_not_read(make_app: MakeApp) -> None
 
 
 async def test_with_keys_the_query_route_needs_a_server_key(make_app: MakeApp, keys_file: Path) -> None:
-    async def query(sql: str) -> str:
+    async def query(sql: str, output_format: str = "PrettyCompactMonoBlock") -> str:
         return "1\n"
 
     app = await make_app(keys_file=keys_file, query=query)
