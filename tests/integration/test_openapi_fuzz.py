@@ -61,7 +61,9 @@ def test_every_answer_matches_the_document_and_none_is_a_server_error(running_se
     operations = [result.ok() for result in schema.get_all_operations()]
     # schemathesis leaves out the document's own URL, GET /openapi.json (tests/http/test_openapi.py
     # checks that route).
-    assert {operation.label for operation in operations} == {"POST /events", "GET /healthz", "GET /readyz", "GET /metrics"}
+    assert {operation.label for operation in operations} == {
+        "POST /events", "OPTIONS /events", "GET /healthz", "GET /readyz", "GET /metrics"
+    }
     for operation in operations:
 
         @settings(
