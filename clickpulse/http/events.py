@@ -16,6 +16,7 @@ from aiohttp import hdrs, web
 
 from clickpulse.events import EventDecoder, RowEncoder
 from clickpulse.http.edge import OPEN, Admission, Edge
+from clickpulse.http.enrich import Enricher, now, timestamp_text
 from clickpulse.http.responses import Rejections, json_response
 from clickpulse.messages import ACK_MODES, AckMode, PipelineDown, Refused, RowsRejected
 from clickpulse.metrics import ReceiverMetrics
@@ -43,7 +44,9 @@ class EventsEndpoint:
         rejections: Rejections,
         metrics: ReceiverMetrics,
         edge: Edge,
+        enricher: Enricher | None = None,
     ) -> None:
+        self._enricher = enricher if enricher is not None else Enricher()
         self._intake = intake
         self._edge = edge
         self._max_body_bytes = max_body_bytes
@@ -113,8 +116,12 @@ class EventsEndpoint:
         if limited is not None:
             return limited
         rows = self._encoder.encode(events)
-        if admission.key is not None:
-            rows = with_source_key(rows, admission.key.name)
+        enricher = self._enricher
+        rows = with_members(rows, enrichment_members(
+            admission.key.name if admission.key is not None else None,
+            timestamp_text(now()),
+            enricher.context(request, edge.client_of(request, admission)),
+        ))
         loop = asyncio.get_running_loop()
         confirmation = loop.create_future() if ack_mode == "clickhouse" else None
         try:
@@ -177,6 +184,20 @@ class EventsEndpoint:
 
 
 def with_source_key(rows: bytes, name: str) -> bytes:
-    """Adds `"source_key": name` to every JSONEachRow line. Each line is one JSON object and ends
-    with `}\n`; JSON text never holds a raw newline, so `}\n` occurs only at the ends."""
-    return rows.replace(b"}\n", b',"source_key":' + msgspec.json.encode(name) + b"}\n")
+    """Adds `"source_key": name` to every JSONEachRow line."""
+    return with_members(rows, b',"source_key":' + msgspec.json.encode(name))
+
+
+def enrichment_members(key_name: str | None, received_at: str, context: bytes) -> bytes:
+    """`,"source_key":…,"received_at":…,"context":…` for `with_members`; the context is a JSON
+    object's text, stored as a string (the `context` column is String)."""
+    encode = msgspec.json.encode
+    source_key = b',"source_key":' + encode(key_name) if key_name is not None else b""
+    return source_key + b',"received_at":' + encode(received_at) + b',"context":' + encode(context.decode())
+
+
+def with_members(rows: bytes, members: bytes) -> bytes:
+    """Adds JSON members (`,"name":value…`) to every JSONEachRow line, in one pass. Each line is
+    one JSON object and ends with `}\n`; JSON text never holds a raw newline, so `}\n` occurs
+    only at the ends."""
+    return rows.replace(b"}\n", members + b"}\n")
