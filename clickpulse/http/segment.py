@@ -289,6 +289,27 @@ class MessageMapper:
         )
 
 
+ERROR_CODES: Final[dict[int, str]] = {
+    400: "invalid_request", 401: "unauthorized", 403: "forbidden", 408: "timeout", 413: "too_large",
+    415: "unsupported_media_type", 429: "rate_limited", 503: "unavailable", 504: "timeout",
+}
+
+
+def _as_segment_error(response: web.Response) -> None:
+    """Adds Segment's `code` and `message` (what its SDKs read) beside the edge's `error`."""
+    body = response.body
+    try:
+        payload = msgspec.json.decode(body) if isinstance(body, bytes) else None
+    except msgspec.DecodeError:
+        payload = None
+    message = payload.get("error") if isinstance(payload, dict) else None
+    if not isinstance(message, str):
+        return
+    response.body = msgspec.json.encode({
+        "success": False, "code": ERROR_CODES.get(response.status, "error"), "message": message, "error": message,
+    })
+
+
 def _at(message: str, prefix: str) -> str:
     marker = " - at `$"
     if marker in message:
@@ -352,6 +373,12 @@ class SegmentEndpoint:
     # -- one request -------------------------------------------------------------------------
 
     async def _serve(self, request: web.Request, kind: MessageType | None) -> web.Response:
+        response = await self._answer(request, kind)
+        if response.status >= 400:
+            _as_segment_error(response)
+        return response
+
+    async def _answer(self, request: web.Request, kind: MessageType | None) -> web.Response:
         edge = self._edge
         admission = edge.admit(request)
         body: bytes | None = None
