@@ -1,7 +1,7 @@
 """The Segment-compatible /v1 API: what Segment's tracking SDKs send, as they send it.
 
-    POST /v1/track | page | screen | identify | group | alias    one message
-    POST /v1/batch (and /v1/import)                             {"batch": [...], "sentAt", "context", "writeKey"}
+    POST /v1/track | page | screen | identify | group | alias    one message (also /v1/t, /v1/p, ...: analytics.js)
+    POST /v1/batch (and /v1/import, /v1/b)                      {"batch": [...], "sentAt", "context", "writeKey"}
     GET  /v1/projects/<writeKey>/settings                       what analytics.js fetches before it sends
 
 Every request passes through the edge like POST /events (key, CORS, body bounds, rate limit).
@@ -354,9 +354,12 @@ class SegmentEndpoint:
 
     def routes(self, app: web.Application) -> None:
         for kind in MESSAGE_TYPES:
-            app.router.add_post(f"/v1/{kind}", self._single(kind))
-            app.router.add_route("OPTIONS", f"/v1/{kind}", self._edge.preflight)
-        for path in ("/v1/batch", "/v1/import"):
+            handler = self._single(kind)
+            # analytics.js posts to the type's first letter: /v1/t, /v1/p, /v1/s, /v1/i, /v1/g, /v1/a.
+            for path in (f"/v1/{kind}", f"/v1/{kind[0]}"):
+                app.router.add_post(path, handler)
+                app.router.add_route("OPTIONS", path, self._edge.preflight)
+        for path in ("/v1/batch", "/v1/import", "/v1/b"):  # /v1/b: analytics.js's batching mode
             app.router.add_post(path, self.batch)
             app.router.add_route("OPTIONS", path, self._edge.preflight)
         app.router.add_get("/v1/projects/{write_key}/settings", self.settings)
