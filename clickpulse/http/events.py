@@ -16,7 +16,7 @@ from aiohttp import hdrs, web
 
 from clickpulse.events import EventDecoder, RowEncoder
 from clickpulse.http.edge import OPEN, Admission, Edge
-from clickpulse.http.enrich import Enricher, now, timestamp_text
+from clickpulse.http.enrich import Enricher
 from clickpulse.http.responses import Rejections, json_response
 from clickpulse.messages import ACK_MODES, AckMode, PipelineDown, Refused, RowsRejected
 from clickpulse.metrics import ReceiverMetrics
@@ -47,6 +47,7 @@ class EventsEndpoint:
         enricher: Enricher | None = None,
     ) -> None:
         self._enricher = enricher if enricher is not None else Enricher()
+        self._source_keys: dict[str, bytes] = {}
         self._intake = intake
         self._edge = edge
         self._max_body_bytes = max_body_bytes
@@ -117,11 +118,11 @@ class EventsEndpoint:
             return limited
         rows = self._encoder.encode(events)
         enricher = self._enricher
-        rows = with_members(rows, enrichment_members(
-            admission.key.name if admission.key is not None else None,
-            timestamp_text(now()),
-            enricher.context(request, edge.client_of(request, admission)),
-        ))
+        key = admission.key
+        members = enricher.received_at_member() + enricher.context_member(request, edge.client_of(request, admission))
+        if key is not None:
+            members += self._source_keys.get(key.name) or self._source_key_member(key.name)
+        rows = with_members(rows, members)
         loop = asyncio.get_running_loop()
         confirmation = loop.create_future() if ack_mode == "clickhouse" else None
         try:
@@ -169,6 +170,12 @@ class EventsEndpoint:
             {hdrs.RETRY_AFTER: str(RETRY_AFTER_PIPELINE_DOWN)},
         )
 
+    def _source_key_member(self, name: str) -> bytes:
+        member = b',"source_key":' + msgspec.json.encode(name)
+        if len(self._source_keys) < 1024:  # key names come from INGEST_KEYS_FILE: few
+            self._source_keys[name] = member
+        return member
+
     def _ack_mode_of(self, request: web.Request) -> AckMode | None:
         """The request's acknowledgement mode, or None when its query asks for an unknown one."""
         if not request.query_string:  # the common case, without parsing a query
@@ -186,14 +193,6 @@ class EventsEndpoint:
 def with_source_key(rows: bytes, name: str) -> bytes:
     """Adds `"source_key": name` to every JSONEachRow line."""
     return with_members(rows, b',"source_key":' + msgspec.json.encode(name))
-
-
-def enrichment_members(key_name: str | None, received_at: str, context: bytes) -> bytes:
-    """`,"source_key":…,"received_at":…,"context":…` for `with_members`; the context is a JSON
-    object's text, stored as a string (the `context` column is String)."""
-    encode = msgspec.json.encode
-    source_key = b',"source_key":' + encode(key_name) if key_name is not None else b""
-    return source_key + b',"received_at":' + encode(received_at) + b',"context":' + encode(context.decode())
 
 
 def with_members(rows: bytes, members: bytes) -> bytes:
