@@ -263,7 +263,10 @@ class MessageMapper:
         if timestamp is None:
             created_at = received_at
         elif sent is not None:
-            created_at = timestamp + (received_at - sent)  # Segment's clock-skew correction
+            try:
+                created_at = timestamp + (received_at - sent)  # Segment's clock-skew correction
+            except OverflowError:
+                raise Invalid(f"`timestamp` corrected by `sentAt` is not a representable time - at `{path}.timestamp`") from None
         else:
             created_at = timestamp
         if not EARLIEST <= created_at <= LATEST:

@@ -139,6 +139,11 @@ async def test_message_ids_give_deterministic_event_ids(app: App) -> None:
     ({"type": "track", "event": "e", "userId": "u", "context": 1}, "$.batch[1].context", "object"),
     ({"type": "group", "userId": "u"}, "$.batch[1]", "groupId"),
     ({"type": "alias", "userId": "u"}, "$.batch[1]", "previousId"),
+    ({"type": "track", "event": "e", "userId": "u", "timestamp": "9999-12-31T23:59:59Z", "sentAt": "0001-01-02T00:00:00Z"},
+     "$.batch[1].timestamp", ""),
+    ({"type": "track", "event": "e", "userId": "u", "timestamp": "1960-01-01T00:00:00Z"}, "$.batch[1].timestamp", "range"),
+    ({"type": "track", "event": " ", "userId": "u"}, "$.batch[1].event", "blank"),
+    ({"type": "track", "event": "e", "userId": "u" * 300}, "$.batch[1].userId", "length"),
 ])
 async def test_one_bad_message_refuses_the_whole_batch_naming_it(
     app: App, message: dict[str, object], path: str, words: str
@@ -225,3 +230,18 @@ async def test_settings_point_analytics_js_at_this_host(app: App) -> None:
     assert segment["apiKey"] == "pk_anything"
     assert segment["apiHost"] == f"{app.client.host}:{app.client.port}/v1"
     assert segment["protocol"] == "http"
+
+
+@pytest.mark.parametrize("path", ["/v1/track", "/v1/page", "/v1/identify", "/v1/group", "/v1/alias", "/v1/batch", "/v1/t"])
+@pytest.mark.parametrize("body", [
+    b"null", b"[]", b"{}", b'{"batch": null}', b'{"batch": [null]}', b'{"batch": [{"type": "track"}], "context": []}',
+    b'{"userId": {"a": 1}}', b'{"userId": 1.5}', b'{"timestamp": 5, "userId": "u"}', b"\xff\xfe", b'{"writeKey": 3}',
+    b'{"properties": {"a": 1}, "traits": "x", "userId": "u", "event": "e", "groupId": "g", "previousId": "p"}',
+    b'{"userId": "u", "event": "e", "properties": {"deep": ' + b"[" * 200 + b"]" * 200 + b"}}",
+])
+async def test_garbage_is_a_4xx_naming_something_never_a_500(app: App, path: str, body: bytes) -> None:
+    response = await post(app, path, None, raw=body)
+    assert response.status in (200, 400, 413), await response.text()
+    if response.status != 200:
+        payload = await response.json()
+        assert payload["success"] is False and payload["message"] == payload["error"] and payload["code"]
