@@ -20,6 +20,7 @@ message refuses the request, naming it (`$.batch[3].event`).
 from __future__ import annotations
 
 import asyncio
+import re
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
@@ -123,26 +124,27 @@ EARLIEST: Final = datetime(1970, 1, 2, tzinfo=timezone.utc)
 LATEST: Final = datetime(2105, 12, 31, tzinfo=timezone.utc)
 
 
+_UUID_TEXT: Final = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
+
 def event_id_of(message_id: str | int | None) -> str | None:
-    """The messageId when it is a UUID; else uuid5(MESSAGE_ID_NAMESPACE, messageId); None when absent."""
+    """The messageId when it is a UUID (in its usual 8-4-4-4-12 form); else
+    uuid5(MESSAGE_ID_NAMESPACE, messageId); None when absent."""
     if message_id is None:
         return None
-    text = str(message_id)
-    if len(text) == 36:
-        try:
-            return str(uuid.UUID(text))
-        except ValueError:
-            pass
+    text = message_id if type(message_id) is str else str(message_id)
+    if len(text) == 36 and _UUID_TEXT.fullmatch(text):
+        return text.lower()
     return str(uuid.uuid5(MESSAGE_ID_NAMESPACE, text))
 
 
-def _object(raw: Raw, path: str) -> bytes | None:
+def _object(raw: Raw, path: str, field: str) -> bytes | None:
     """The bytes of a JSON object member (None when absent or null); Invalid if not an object."""
     data = bytes(raw)
     if not data or data == _NULL:
         return None
     if data[:1] != b"{":
-        raise Invalid(f"Expected `object`, got `{_json_kind(data)}` - at `{path}`")
+        raise Invalid(f"Expected `object`, got `{_json_kind(data)}` - at `{path}.{field}`")
     return data
 
 
@@ -166,12 +168,12 @@ def _aware(moment: datetime) -> datetime:
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
 
 
-def _text_id(value: str | int | None, path: str) -> str | None:
+def _text_id(value: str | int | None, path: str, field: str) -> str | None:
     if value is None:
         return None
-    text = str(value)
+    text = value if type(value) is str else str(value)
     if len(text) > MAX_USER_ID_LENGTH:
-        raise Invalid(f"Expected `str` of length <= {MAX_USER_ID_LENGTH} - at `{path}`")
+        raise Invalid(f"Expected `str` of length <= {MAX_USER_ID_LENGTH} - at `{path}.{field}`")
     return text
 
 
@@ -192,6 +194,19 @@ class MessageMapper:
     def present(self, obj: bytes) -> _Present:
         return self._present.decode(obj)
 
+    def enriched(self, context: bytes | None, request_context: tuple[bytes, bytes]) -> bytes:
+        """`context` with the request's `ip` and `userAgent` members where it has none."""
+        ip_member, agent_member = request_context
+        if not ip_member and not agent_member:
+            return context if context is not None else b"{}"
+        have = self.present(context) if context is not None else None
+        members = []
+        if ip_member and (have is None or not have.ip):
+            members.append(ip_member)
+        if agent_member and (have is None or not have.userAgent):
+            members.append(agent_member)
+        return _with_members(context, members)
+
     def row(
         self,
         message: Message,
@@ -200,7 +215,7 @@ class MessageMapper:
         *,
         received_at: datetime,
         sent_at: datetime | None,
-        batch_context: bytes | None,
+        batch_context: bytes,
         request_context: tuple[bytes, bytes],
         source: str,
         source_key: str,
@@ -215,28 +230,31 @@ class MessageMapper:
             event_type = event
         else:
             event_type = EVENT_TYPES[kind]
-        user_id = _text_id(message.userId, f"{path}.userId")
-        anonymous_id = _text_id(message.anonymousId, f"{path}.anonymousId")
+        user_id = _text_id(message.userId, path, "userId")
+        anonymous_id = _text_id(message.anonymousId, path, "anonymousId")
         if not user_id and not anonymous_id:
             raise Invalid(f"Either `userId` or `anonymousId` is required - at `{path}`")
         if kind in ("identify", "group"):
-            properties = _object(message.traits, f"{path}.traits")
+            properties = _object(message.traits, path, "traits")
         else:
-            properties = _object(message.properties, f"{path}.properties")
+            properties = _object(message.properties, path, "properties")
         extra: list[tuple[str, object]] = []
-        if kind in ("page", "screen"):
+        if kind == "track":
+            pass
+        elif kind in ("page", "screen"):
             extra = [("name", message.name), ("category", message.category)]
         elif kind == "alias":
-            previous = _text_id(message.previousId, f"{path}.previousId")
+            previous = _text_id(message.previousId, path, "previousId")
             if not previous:
                 raise Invalid(f"Object missing required field `previousId` - at `{path}`")
             extra = [("previousId", previous)]
         elif kind == "group":
-            group = _text_id(message.groupId, f"{path}.groupId")
+            group = _text_id(message.groupId, path, "groupId")
             if not group:
                 raise Invalid(f"Object missing required field `groupId` - at `{path}`")
             extra = [("groupId", group)]
-        extra = [(name, value) for name, value in extra if value is not None]
+        if extra:
+            extra = [(name, value) for name, value in extra if value is not None]
         if extra:
             # The properties' own member of the same name wins; never a duplicate key.
             present = self.present(properties) if properties is not None else None
@@ -246,20 +264,19 @@ class MessageMapper:
                 if present is None or not getattr(present, name)
             ]
             properties = _with_members(properties, members)
-        context = _object(message.context, f"{path}.context")
+        context = _object(message.context, path, "context")
         if context is None:
-            context = batch_context
-        ip_member, agent_member = request_context
-        if ip_member or agent_member:
-            have = self.present(context) if context is not None else None
-            members = []
-            if ip_member and (have is None or not have.ip):
-                members.append(ip_member)
-            if agent_member and (have is None or not have.userAgent):
-                members.append(agent_member)
-            context = _with_members(context, members)
-        timestamp = _aware(message.timestamp) if message.timestamp is not None else None
-        sent = _aware(message.sentAt) if message.sentAt is not None else sent_at
+            context = batch_context  # enriched once per request
+        else:
+            context = self.enriched(context, request_context)
+        timestamp = message.timestamp
+        if timestamp is not None and timestamp.tzinfo is None:
+            timestamp = timestamp.replace(tzinfo=timezone.utc)
+        sent = message.sentAt
+        if sent is None:
+            sent = sent_at
+        elif sent.tzinfo is None:
+            sent = sent.replace(tzinfo=timezone.utc)
         if timestamp is None:
             created_at = received_at
         elif sent is not None:
@@ -284,7 +301,7 @@ class MessageMapper:
             created_at=created_at,
             received_at=received_at,
             properties=(properties if properties is not None else b"{}").decode(),
-            context=(context if context is not None else b"{}").decode(),
+            context=context.decode(),
             source_key=source_key,
             user_id=user_id or None,
             anonymous_id=anonymous_id or None,
@@ -479,7 +496,8 @@ class SegmentEndpoint:
                 )
             message = mapper.decode(body, "$")
             return [mapper.row(
-                message, kind, "$", received_at=received_at, sent_at=None, batch_context=None,
+                message, kind, "$", received_at=received_at, sent_at=None,
+                batch_context=mapper.enriched(None, request_context),
                 request_context=request_context, source=source, source_key=source_key,
             )]
         if len(body) > self._max_batch:
@@ -494,7 +512,7 @@ class SegmentEndpoint:
                 413,
             )
         sent_at = _aware(envelope.sentAt) if envelope.sentAt is not None else None
-        batch_context = _object(envelope.context, "$.context")
+        batch_context = mapper.enriched(_object(envelope.context, "$", "context"), request_context)
         rows = []
         for index, raw in enumerate(envelope.batch):
             path = f"$.batch[{index}]"
