@@ -2,7 +2,8 @@
 it (`received_at`) and a `context` object with the client's address (ENRICH_IP) and User-Agent.
 
 Computed once per request; the /v1 API merges it into each message's own context, POST /events
-splices it into every JSONEachRow line (`with_enrichment`), like the ingest key's name.
+splices it into every JSONEachRow line (`events.with_members`, cached per second and per
+client), like the ingest key's name.
 """
 
 from __future__ import annotations
@@ -90,8 +91,3 @@ class Enricher:
 
 def now() -> datetime:
     return datetime.now(timezone.utc)
-
-
-def timestamp_text(moment: datetime) -> str:
-    """ISO 8601 with milliseconds and `Z`, as msgspec writes datetimes (ClickHouse parses it)."""
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
