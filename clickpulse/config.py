@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import msgspec
@@ -88,6 +88,10 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     tls_key_file: Path | None = None
     admin_host: str = "127.0.0.1"
     admin_port: int | None = None
+    # The Segment-compatible /v1 API (http/segment.py) and the enrichment of every endpoint.
+    segment_max_message_bytes: int = 32 * 1024
+    segment_max_batch_bytes: int = 500 * 1024
+    enrich_ip: EnrichIp = "true"
 
 
 
@@ -96,6 +100,8 @@ _DURATION_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("text", "json")
+EnrichIp = Literal["true", "false", "anonymize"]
+ENRICH_IP_MODES: tuple[EnrichIp, ...] = ("true", "false", "anonymize")
 
 
 def parse_duration(text: str) -> float:
@@ -355,6 +361,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ADMIN_HOST", "admin_host", _text, "address of the ADMIN_PORT listener"),
     Setting("ADMIN_PORT", "admin_port", _port,
             "serve /metrics, /healthz, /readyz and /query here (plain HTTP) instead of on HTTP_PORT"),
+    Setting("SEGMENT_MAX_MESSAGE_BYTES", "segment_max_message_bytes", parse_size,
+            "largest message of the /v1 API, alone or in a batch (413 above)"),
+    Setting("SEGMENT_MAX_BATCH_BYTES", "segment_max_batch_bytes", parse_size,
+            "largest decoded body of /v1/batch and /v1/import (413 above)"),
+    Setting("ENRICH_IP", "enrich_ip", _choice(ENRICH_IP_MODES, str.lower),
+            "add the client address to each row's context: true, false or anonymize"),
 )
 
 

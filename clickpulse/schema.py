@@ -19,7 +19,11 @@ CREATE TABLE IF NOT EXISTS {database}.{table}{on_cluster}
     value       Nullable(Float64),
     created_at  {timestamp_type},
     properties  String,
-    source_key  LowCardinality(String)
+    source_key  LowCardinality(String),
+    anonymous_id  Nullable(String),
+    received_at  {timestamp_type},
+    context  String,
+    original_timestamp  Nullable({timestamp_type})
 )
 ENGINE = {engine}
 PARTITION BY toYYYYMM(created_at)
@@ -27,8 +31,17 @@ ORDER BY (event_type, created_at){settings}
 """
 
 # Columns added after the first release, with their types: tables created before gain them at
-# start (`add_column_ddl`). source_key: the name of the ingest key that sent the row ('' without).
-ADDED_COLUMNS: tuple[tuple[str, str], ...] = (("source_key", "LowCardinality(String)"),)
+# start (`add_column_ddl`). `{timestamp_type}` is the server's (`added_columns`).
+# source_key: the name of the ingest key that sent the row ('' without).
+# anonymous_id, received_at, context, original_timestamp: the Segment-compatible /v1 API (and
+# received_at and context, the enrichment of every endpoint); see README "Send with an existing SDK".
+ADDED_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("source_key", "LowCardinality(String)"),
+    ("anonymous_id", "Nullable(String)"),
+    ("received_at", "{timestamp_type}"),
+    ("context", "String"),
+    ("original_timestamp", "Nullable({timestamp_type})"),
+)
 
 # Rows ClickHouse refused as data, with its error, for a person to inspect and replay.
 QUARANTINE_DDL_TEMPLATE = """\
@@ -115,6 +128,13 @@ def table_ddl(
             if capabilities.deduplicates_inserts and engine == "MergeTree"
             else ""
         ),
+    )
+
+
+def added_columns(capabilities: ServerCapabilities) -> tuple[tuple[str, str], ...]:
+    """ADDED_COLUMNS with the server's timestamp type."""
+    return tuple(
+        (column, column_type.format(timestamp_type=capabilities.timestamp_type)) for column, column_type in ADDED_COLUMNS
     )
 
 

@@ -27,6 +27,7 @@ from clickpulse.batcher import Batcher
 from clickpulse.clickhouse import ClickHouseConnection, EmbeddedClickHouse, HttpClickHouse
 from clickpulse.config import Config
 from clickpulse.http.app import HttpApp
+from clickpulse.http.enrich import Enricher
 from clickpulse.http.connections import ConnectionGuard, GuardedSite
 from clickpulse.http.edge import Edge
 from clickpulse.http.keys import KeyStore
@@ -206,6 +207,9 @@ def build_pipeline(config: Config, metrics: PipelineMetrics) -> Pipeline:
         edge=edge,
         rejections=rejections,
         keepalive_timeout=config.keepalive_timeout,
+        enricher=Enricher(config.enrich_ip),
+        segment_max_message_bytes=config.segment_max_message_bytes,
+        segment_max_batch_bytes=config.segment_max_batch_bytes,
     )
     pipeline = Pipeline(
         config=config,

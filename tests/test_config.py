@@ -228,6 +228,9 @@ BAD_VALUES = {
     "TLS_CERT_FILE": "  ",
     "TLS_KEY_FILE": "  ",
     "ADMIN_PORT": "70000",
+    "SEGMENT_MAX_MESSAGE_BYTES": "0",
+    "SEGMENT_MAX_BATCH_BYTES": "lots",
+    "ENRICH_IP": "maybe",
 }
 
 

@@ -119,7 +119,11 @@ def test_the_panels_the_issue_asks_for_are_there() -> None:
         "Spool size vs capacity", "Spool fill", "Unconfirmed events: spool and memory", "Oldest unconfirmed event age",
         "Spool fsync duration", "Replayed events and corrupt records at start", "ClickHouse backend",
         "Insert retries/s", "Quarantined events/s by destination", "Spool write errors and full rejections/s",
+        # The Segment-compatible /v1 API beside /events.
+        "Intake requests/s by route", "Intake latency p99 by route",
     } <= titles
+    intake = [each for each in PANELS if each["title"].startswith("Intake ")]
+    assert all('path=~"/events|/v1/.+"' in target["expr"] for each in intake for target in each["targets"])
     rows = [each["title"] for each in BOARD["panels"] if each["type"] == "row"]
     assert rows == ["Overview", "Receiver: HTTP intake", "Batcher: mailbox, buffer, flushes",
                     "Writer: ClickHouse inserts", "End to end", "Reliability: spool, retries, quarantine", "Process"]

@@ -82,7 +82,21 @@ def test_table_ddl_declares_every_event_column() -> None:
         "created_at": "DateTime64(3, 'UTC')",
         "properties": "String",
         "source_key": "LowCardinality(String)",
+        "anonymous_id": "Nullable(String)",
+        "received_at": "DateTime64(3, 'UTC')",
+        "context": "String",
+        "original_timestamp": "Nullable(DateTime64(3, 'UTC'))",
     }
+
+
+@pytest.mark.parametrize("version", ["18.16.1", "24.8.1.1"])
+def test_every_added_column_is_declared_in_the_table_ddl_with_the_same_type(version: str) -> None:
+    from clickpulse.schema import added_columns
+
+    capabilities = capabilities_for(version)
+    columns = dict(re.findall(r"^\s+(\w+)\s+(.+?),?$", table_ddl("db", "events", capabilities), flags=re.MULTILINE))
+    for column, column_type in added_columns(capabilities):
+        assert columns[column] == column_type
 
 
 def test_quote_identifier_wraps_in_backticks() -> None:

@@ -14,10 +14,12 @@ from aiohttp import hdrs, web
 
 from clickpulse.http.connections import GuardedRequestHandler
 from clickpulse.http.edge import Edge
+from clickpulse.http.enrich import Enricher
 from clickpulse.http.events import EventsEndpoint
 from clickpulse.http.keys import KeyStore
 from clickpulse.http.origins import OriginPatterns
 from clickpulse.http.query_guard import QueryRefused, check_query
+from clickpulse.http.segment import SegmentEndpoint
 from clickpulse.http.responses import Rejections, ServerLog, json_response
 from clickpulse.messages import AckMode
 from clickpulse.metrics import PipelineMetrics
@@ -49,6 +51,9 @@ class HttpApp:
         edge: Edge | None = None,
         rejections: Rejections | None = None,
         keepalive_timeout: float = 75.0,
+        enricher: Enricher | None = None,
+        segment_max_message_bytes: int = 32 * 1024,
+        segment_max_batch_bytes: int = 500 * 1024,
     ) -> None:
         self._max_body_bytes = max_body_bytes
         self._not_ready_reason = not_ready_reason
@@ -75,6 +80,21 @@ class HttpApp:
             rejections=rejections,
             metrics=metrics.receiver,
             edge=self.edge,
+            enricher=enricher,
+        )
+        self.segment = SegmentEndpoint(
+            intake=intake,
+            max_message_bytes=segment_max_message_bytes,
+            max_batch_bytes=segment_max_batch_bytes,
+            max_batch_events=max_batch_events,
+            ack_mode=ack_mode,
+            ack_timeout=ack_timeout,
+            draining=lambda: self._draining,
+            pipeline_down=pipeline_down,
+            rejections=rejections,
+            metrics=metrics.receiver,
+            edge=self.edge,
+            enricher=enricher if enricher is not None else Enricher(),
         )
 
     def server_options(self) -> dict[str, object]:
@@ -97,6 +117,7 @@ class HttpApp:
         app = web.Application(client_max_size=self._max_body_bytes, middlewares=[self._observe])
         app.router.add_post("/events", self.events.post)
         app.router.add_route("OPTIONS", "/events", self.edge.preflight)
+        self.segment.routes(app)
         if operational:
             self._add_operational(app)
         return app

@@ -115,7 +115,9 @@ class Edge:
 
     # -- admission -----------------------------------------------------------------------------
 
-    def admit(self, request: web.Request) -> Admission | web.Response:
+    def admit(self, request: web.Request, body_secret: str | None = None) -> Admission | web.Response:
+        """`body_secret`: a key the body carries (the /v1 API's `writeKey`), taken like a header's
+        when the request presents none in its header or query."""
         if self._passive:
             return OPEN
         headers = request.headers
@@ -126,6 +128,8 @@ class Edge:
         if self._keys.configured:
             query_key = request.query.get("key") if request.query_string else None
             presented = presented_secret(headers.get(hdrs.AUTHORIZATION), query_key)
+            if presented is None and body_secret:
+                presented = (body_secret, "header")  # a body is as private as a header
             if presented is None:
                 return self._unauthorized(admission, "an ingest key is needed: send Authorization: Bearer <key>")
             secret, where = presented
@@ -149,6 +153,25 @@ class Edge:
                 request.remote, headers.get(hdrs.X_FORWARDED_FOR) if self._trusted else None, self._trusted
             )
         return admission
+
+    def presents_key(self, request: web.Request) -> bool:
+        """Whether keys are configured and the request presents one in a header or its query."""
+        return presented_secret(
+            request.headers.get(hdrs.AUTHORIZATION), request.query.get("key") if request.query_string else None
+        ) is not None
+
+    def origin_admission(self, request: web.Request) -> Admission:
+        """An admission that only carries CORS (for answering before the key is known)."""
+        origin = request.headers.get(hdrs.ORIGIN)
+        return Admission(origin=origin if origin is not None and self._allowed_origins.allows(origin) else None)
+
+    def client_of(self, request: web.Request, admission: Admission) -> str:
+        """The client's address: the socket's peer, or X-Forwarded-For from TRUSTED_PROXIES."""
+        if admission.client:
+            return admission.client
+        return client_address(
+            request.remote, request.headers.get(hdrs.X_FORWARDED_FOR) if self._trusted else None, self._trusted
+        )
 
     def admit_server_key(self, request: web.Request) -> web.Response | None:
         """For operational routes with keys configured: a server key in the Authorization header."""

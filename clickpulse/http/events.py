@@ -16,6 +16,7 @@ from aiohttp import hdrs, web
 
 from clickpulse.events import EventDecoder, RowEncoder
 from clickpulse.http.edge import OPEN, Admission, Edge
+from clickpulse.http.enrich import Enricher
 from clickpulse.http.responses import Rejections, json_response
 from clickpulse.messages import ACK_MODES, AckMode, PipelineDown, Refused, RowsRejected
 from clickpulse.metrics import ReceiverMetrics
@@ -43,7 +44,10 @@ class EventsEndpoint:
         rejections: Rejections,
         metrics: ReceiverMetrics,
         edge: Edge,
+        enricher: Enricher | None = None,
     ) -> None:
+        self._enricher = enricher if enricher is not None else Enricher()
+        self._source_keys: dict[str, bytes] = {}
         self._intake = intake
         self._edge = edge
         self._max_body_bytes = max_body_bytes
@@ -113,8 +117,12 @@ class EventsEndpoint:
         if limited is not None:
             return limited
         rows = self._encoder.encode(events)
-        if admission.key is not None:
-            rows = with_source_key(rows, admission.key.name)
+        enricher = self._enricher
+        key = admission.key
+        members = enricher.received_at_member() + enricher.context_member(request, edge.client_of(request, admission))
+        if key is not None:
+            members += self._source_keys.get(key.name) or self._source_key_member(key.name)
+        rows = with_members(rows, members)
         loop = asyncio.get_running_loop()
         confirmation = loop.create_future() if ack_mode == "clickhouse" else None
         try:
@@ -162,6 +170,12 @@ class EventsEndpoint:
             {hdrs.RETRY_AFTER: str(RETRY_AFTER_PIPELINE_DOWN)},
         )
 
+    def _source_key_member(self, name: str) -> bytes:
+        member = b',"source_key":' + msgspec.json.encode(name)
+        if len(self._source_keys) < 1024:  # key names come from INGEST_KEYS_FILE: few
+            self._source_keys[name] = member
+        return member
+
     def _ack_mode_of(self, request: web.Request) -> AckMode | None:
         """The request's acknowledgement mode, or None when its query asks for an unknown one."""
         if not request.query_string:  # the common case, without parsing a query
@@ -177,6 +191,12 @@ class EventsEndpoint:
 
 
 def with_source_key(rows: bytes, name: str) -> bytes:
-    """Adds `"source_key": name` to every JSONEachRow line. Each line is one JSON object and ends
-    with `}\n`; JSON text never holds a raw newline, so `}\n` occurs only at the ends."""
-    return rows.replace(b"}\n", b',"source_key":' + msgspec.json.encode(name) + b"}\n")
+    """Adds `"source_key": name` to every JSONEachRow line."""
+    return with_members(rows, b',"source_key":' + msgspec.json.encode(name))
+
+
+def with_members(rows: bytes, members: bytes) -> bytes:
+    """Adds JSON members (`,"name":value…`) to every JSONEachRow line, in one pass. Each line is
+    one JSON object and ends with `}\n`; JSON text never holds a raw newline, so `}\n` occurs
+    only at the ends."""
+    return rows.replace(b"}\n", members + b"}\n")

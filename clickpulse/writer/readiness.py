@@ -14,9 +14,9 @@ from collections.abc import Callable
 from clickpulse.clickhouse import ClickHouseConnection
 from clickpulse.metrics import WriterMetrics
 from clickpulse.schema import (
-    ADDED_COLUMNS,
     ServerCapabilities,
     add_column_ddl,
+    added_columns,
     capabilities_for,
     column_exists_query,
     database_ddl,
@@ -104,9 +104,9 @@ class Readiness:
         return capabilities
 
     async def _add_missing_columns(self, capabilities: ServerCapabilities) -> None:
-        """A table made by an earlier version gains the columns added since (source_key)."""
+        """A table made by an earlier version gains the columns added since (schema.ADDED_COLUMNS)."""
         connection, database, table = self._connection, self._database, self._table
-        for column, column_type in ADDED_COLUMNS:
+        for column, column_type in added_columns(capabilities):
             if not int(await connection.query_value(column_exists_query(database, table, column))):
                 await connection.execute(
                     add_column_ddl(database, table, column, column_type, capabilities), capabilities.create_settings

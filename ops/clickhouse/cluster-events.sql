@@ -13,7 +13,11 @@ CREATE TABLE IF NOT EXISTS `clickpulse`.`events_local` ON CLUSTER `clickpulse_cl
     value       Nullable(Float64),
     created_at  DateTime64(3, 'UTC'),
     properties  String,
-    source_key  LowCardinality(String)
+    source_key  LowCardinality(String),
+    anonymous_id  Nullable(String),
+    received_at  DateTime64(3, 'UTC'),
+    context  String,
+    original_timestamp  Nullable(DateTime64(3, 'UTC'))
 )
 ENGINE = ReplicatedMergeTree('/clickhouse/tables/{shard}/clickpulse/events_local', '{replica}')
 PARTITION BY toYYYYMM(created_at)

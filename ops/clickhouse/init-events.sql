@@ -11,7 +11,11 @@ CREATE TABLE IF NOT EXISTS `clickpulse`.`events`
     value       Nullable(Float64),
     created_at  DateTime64(3, 'UTC'),
     properties  String,
-    source_key  LowCardinality(String)
+    source_key  LowCardinality(String),
+    anonymous_id  Nullable(String),
+    received_at  DateTime64(3, 'UTC'),
+    context  String,
+    original_timestamp  Nullable(DateTime64(3, 'UTC'))
 )
 ENGINE = MergeTree
 PARTITION BY toYYYYMM(created_at)

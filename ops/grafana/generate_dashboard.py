@@ -201,6 +201,8 @@ def dashed_limit(name_regex: str, color: str = "red") -> JsonObject:
 # -- the rows ---------------------------------------------------------------------------------
 
 POST_EVENTS = ('method="POST"', 'path="/events"')
+# Every route that takes events: POST /events and the Segment-compatible /v1 API.
+POST_INTAKE = ('method="POST"', 'path=~"/events|/v1/.+"')
 
 
 def overview_row() -> list[JsonObject]:
@@ -218,9 +220,10 @@ def overview_row() -> list[JsonObject]:
             [target(f"sum({rate('events_received_total')})", "")], unit="cps",
         ),
         stat(
-            "Rejected requests", "Share of POST /events refused (any reason). Alert: 5% for one reason.",
+            "Rejected requests", "Share of intake requests (POST /events and /v1) refused (any reason). "
+            "Alert: 5% for one reason.",
             [target(
-                f"sum({rate('requests_rejected_total')}) / sum({rate('http_requests_total', *POST_EVENTS)})", "",
+                f"sum({rate('requests_rejected_total')}) / sum({rate('http_requests_total', *POST_INTAKE)})", "",
             )],
             unit="percentunit", threshold_steps=(("orange", 0.01), ("red", 0.05)),
         ),
@@ -267,6 +270,22 @@ def receiver_row() -> list[JsonObject]:
             "Alert: p99 above 500ms for 10m.",
             quantile_targets("http_request_duration_seconds", *POST_EVENTS),
             unit="s", threshold_steps=(("red", 0.5),),
+        ),
+        timeseries(
+            "Intake requests/s by route",
+            "POST requests that carry events, by route template and status: /events and the Segment-compatible "
+            "/v1 API (/v1/batch, /v1/track, /v1/page, ...; 200 there is success, 4xx the SDKs do not retry).",
+            [target(f"sum by (path, status) ({rate('http_requests_total', *POST_INTAKE)})", "{{path}} {{status}}")],
+            unit="reqps", width=12,
+        ),
+        timeseries(
+            "Intake latency p99 by route",
+            "99th percentile of request start → response, per intake route (/events and each /v1 route).",
+            [target(
+                f"histogram_quantile(0.99, sum by (path, le) ({rate('http_request_duration_seconds_bucket', *POST_INTAKE)}))",
+                "{{path}}",
+            )],
+            unit="s", width=12,
         ),
         timeseries(
             "Request body size",

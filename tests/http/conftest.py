@@ -16,7 +16,9 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from aiohttp.web_runner import BaseRunner
 
+from clickpulse.config import EnrichIp
 from clickpulse.http.app import HttpApp
+from clickpulse.http.enrich import Enricher
 from clickpulse.http.edge import Edge
 from clickpulse.http.keys import KeyStore
 from clickpulse.http.origins import OriginPatterns
@@ -140,6 +142,9 @@ async def make_app(aiohttp_client: Callable[..., Awaitable[TestClient]]) -> Asyn
         body_timeout: float = 30.0,
         clock: Callable[[], float] | None = None,
         query: Callable[[str], Awaitable[str]] | None = None,
+        enrich_ip: EnrichIp = "true",
+        segment_max_message_bytes: int = 32 * 1024,
+        segment_max_batch_bytes: int = 500 * 1024,
     ) -> App:
         pipeline = FakeBatcher()
         metrics = PipelineMetrics()
@@ -179,6 +184,9 @@ async def make_app(aiohttp_client: Callable[..., Awaitable[TestClient]]) -> Asyn
             not_ready_reason=pipeline.not_ready_reason,
             pipeline_down=pipeline_down,
             metrics=metrics,
+            enricher=Enricher(enrich_ip),
+            segment_max_message_bytes=segment_max_message_bytes,
+            segment_max_batch_bytes=segment_max_batch_bytes,
         )
         client = await serve_app(aiohttp_client, http)
         app = App(client, pipeline, http, metrics, memory, intake, pipeline_down)

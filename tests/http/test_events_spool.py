@@ -83,7 +83,7 @@ async def test_with_a_spool_a_full_memory_limit_does_not_refuse_the_request(make
 
 
 async def test_full_spool_is_503_naming_spool_max_bytes(make_app: MakeApp, tmp_path: Path) -> None:
-    app = await make_app(ack_mode="disk", spool_dir=tmp_path, spool_max_bytes=200)
+    app = await make_app(ack_mode="disk", spool_dir=tmp_path, spool_max_bytes=400)  # a row, with received_at and context
     assert (await app.post(encode(event_object(0)))).status == 202  # one record fits
 
     response = await app.post(encode(event_object(1)))

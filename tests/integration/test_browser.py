@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
 import shutil
 import subprocess
@@ -150,3 +151,81 @@ async def page_server(html_holder: list[str]) -> AsyncIterator[tuple[str, asynci
         yield f"http://127.0.0.1:{runner.addresses[0][1]}", reports
     finally:
         await runner.cleanup()
+
+
+# -- analytics.js (@segment/analytics-next), self-hosted -----------------------------------------
+
+ANALYTICS_JS = Path(__file__).resolve().parents[1] / "js" / "node_modules" / "@segment" / "analytics-next" / "dist" / "umd"
+ANALYTICS_PAGE = """<!doctype html><html><head><title>analytics.js test</title></head><body>
+<script src="/analytics.js"></script><script>
+SNIPPET
+</script></body></html>"""
+
+
+def analytics_page_for(collector: str) -> str:
+    match = re.search(r"```js\n// clickpulse analytics.js snippet\n(.*?)```", README.read_text(), re.S)
+    assert match, "README has no analytics.js snippet"
+    snippet = re.sub(r'writeKey: "[^"]*"', f'writeKey: "{BROWSER_SECRET}"', match.group(1))
+    snippet = re.sub(r'cdnURL: "[^"]*"', f'cdnURL: "{collector}"', snippet)
+    assert collector in snippet and BROWSER_SECRET in snippet
+    return ANALYTICS_PAGE.replace("SNIPPET", snippet)
+
+
+async def test_analytics_js_self_hosted_sends_a_page_and_a_track_that_land_as_rows(
+    clickhouse_server: ClickHouseServer, clickhouse_database: str, chromium: str, tmp_path: Path
+) -> None:
+    if not (ANALYTICS_JS / "index.js").is_file():
+        skip_or_fail("no @segment/analytics-next in tests/js/node_modules (cd tests/js && npm ci)")
+    html_holder: list[str] = []
+
+    async def page(request: web.Request) -> web.Response:
+        return web.Response(text=html_holder[0], content_type="text/html")
+
+    async def script(request: web.Request) -> web.FileResponse:
+        return web.FileResponse(ANALYTICS_JS / "index.js")
+
+    app = web.Application()
+    app.router.add_get("/", page)
+    app.router.add_get("/analytics.js", script)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    origin = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    keys = tmp_path / "keys.toml"
+    keys.write_text(f'[[keys]]\nname = "site"\nsecret = "{BROWSER_SECRET}"\nkind = "browser"\norigins = ["{origin}"]\n')
+    try:
+        async with running_service(
+            clickhouse_server.dsn(clickhouse_database), INGEST_KEYS_FILE=str(keys), FLUSH_INTERVAL="100ms",
+        ) as service:
+            html_holder.append(analytics_page_for(f"http://127.0.0.1:{service.port}"))
+            process = subprocess.Popen(
+                [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile-ajs'}", origin + "/"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+            )
+            try:
+                async def both_stored() -> bool:
+                    return await count_rows(clickhouse_server, clickhouse_database) >= 2
+
+                await eventually(both_stored, timeout=60)
+            finally:
+                await asyncio.to_thread(stop_process, process, 10)
+    finally:
+        await runner.cleanup()
+    text = await clickhouse_server.aquery(
+        "SELECT event_type, source, source_key, user_id, anonymous_id, properties, context "
+        f"FROM {clickhouse_database}.events ORDER BY event_type FORMAT JSONEachRow"
+    )
+    rows = [json.loads(line) for line in text.splitlines() if line]
+    assert [row["event_type"] for row in rows] == ["$page", "Signed Up"]
+    for row in rows:
+        assert (row["source"], row["source_key"], row["user_id"]) == ("site", "site", None)
+        assert row["anonymous_id"]  # analytics.js's own anonymous id, the same for both
+        context = json.loads(row["context"])
+        assert context["library"]["name"] == "analytics.js"
+        assert context["page"]["url"] == origin + "/"
+        assert "Chrome" in context["userAgent"] and context["ip"] == "127.0.0.1"
+    assert rows[0]["anonymous_id"] == rows[1]["anonymous_id"]
+    page_properties, track_properties = (json.loads(row["properties"]) for row in rows)
+    assert page_properties["name"] == "Home" and page_properties["category"] == "Docs"
+    assert page_properties["section"] == {"depth": 2} and page_properties["url"] == origin + "/"
+    assert track_properties == {"plan": {"tier": "pro", "seats": [1, 2]}}

@@ -22,6 +22,7 @@ from tests.integration.conftest import (
     running_service,
     wait_for_rows,
 )
+from clickpulse.schema import added_columns, capabilities_for
 from tests.servers import ClickHouseServer
 
 pytestmark = pytest.mark.integration
@@ -147,9 +148,23 @@ async def test_an_existing_table_gains_the_source_key_column_on_18_16(
     for _ in range(2):  # the second start finds the column there
         async with running_service(clickhouse_server.dsn(clickhouse_database), FLUSH_INTERVAL="100ms") as service:
             await eventually(lambda: asyncio.sleep(0, service.not_ready_reason() is None), timeout=20)
+    # The columns added since take a /v1 message and an /events row.
+    async with running_service(clickhouse_server.dsn(clickhouse_database), FLUSH_INTERVAL="100ms") as service:
+        async with aiohttp.ClientSession() as http:
+            base = f"http://127.0.0.1:{service.port}"
+            async with http.post(base + "/v1/track", json={"event": "new", "anonymousId": "a"}) as response:
+                assert response.status == 200
+            async with http.post(base + "/events", json=make_event(0, event_type="plain")) as response:
+                assert response.status == 202
+        assert await wait_for_rows(clickhouse_server, clickhouse_database, 3) == 3
     columns = clickhouse_server.query(f"DESCRIBE TABLE {clickhouse_database}.events")
     assert "source_key\tLowCardinality(String)" in columns
-    assert clickhouse_server.query(f"SELECT event_type, source_key FROM {clickhouse_database}.events").rstrip("\n") == "old\t"
+    for column, column_type in added_columns(capabilities_for("18.16")):
+        assert f"{column}\t{column_type}" in columns.replace("\\'", "'")  # 18.16 escapes the quotes
+    assert clickhouse_server.query(
+        f"SELECT event_type, source_key, anonymous_id, context != '', toYear(received_at) > 2000 "
+        f"FROM {clickhouse_database}.events ORDER BY event_type"
+    ).rstrip("\n").split("\n") == ["new\t\ta\t1\t1", "old\t\t\\N\t0\t0", "plain\t\t\\N\t1\t1"]
 
 
 async def test_hang_ups_malformed_http_and_long_lines_are_counted_without_an_error_line(
@@ -282,6 +297,18 @@ async def test_embedded_store_gains_the_column_and_its_query_route_is_locked_dow
             return status == 200 and "backend" in text and "1" in text
 
         await eventually(landed, timeout=20)
+        async with http.post(service.url + "/v1/track", json={"event": "sdk", "userId": "u", "timestamp":
+                             "2024-05-01T12:00:00.250Z"}, headers=bearer(SERVER_SECRET)) as response:
+            assert response.status == 200
+
+        async def v1_landed() -> bool:
+            status, text = await query(
+                "SELECT anonymous_id IS NULL, JSONExtractString(context, 'ip'), toString(original_timestamp) "
+                "FROM events WHERE event_type = 'sdk' FORMAT TSV"
+            )
+            return status == 200 and text.strip() == "1\t127.0.0.1\t2024-05-01 12:00:00.250"
+
+        await eventually(v1_landed, timeout=20)
         assert (await query("SELECT 1", None))[0] == 401
         assert (await query("SELECT 1", BROWSER_SECRET))[0] == 401
         for sql in ("SELECT 1; DROP TABLE events", "SELECT * FROM file('/etc/passwd', 'LineAsString')",
@@ -300,4 +327,5 @@ async def test_embedded_store_gains_the_column_and_its_query_route_is_locked_dow
     assert result.returncode == 0, result.stderr
     service.process.send_signal(signal.SIGTERM)
     assert await service.wait_exit(30) == 0
-    assert "added column source_key" in service.log
+    for column in ("source_key", "anonymous_id", "received_at", "context", "original_timestamp"):
+        assert f"added column {column}" in service.log

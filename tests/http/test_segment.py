@@ -1,0 +1,247 @@
+"""The Segment-compatible /v1 API on the real application: mapping, keys, limits, all or nothing."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from clickpulse.http.segment import MESSAGE_ID_NAMESPACE, event_id_of
+from tests.http.conftest import App, MakeApp, encode, json_error
+
+SERVER_SECRET = "sk_live_0123456789abcdef"
+BROWSER_SECRET = "pk_live_fedcba9876543210"
+KEYS_TOML = f"""
+[[keys]]
+name = "backend"
+secret = "{SERVER_SECRET}"
+kind = "server"
+
+[[keys]]
+name = "landing"
+secret = "{BROWSER_SECRET}"
+kind = "browser"
+origins = ["https://shop.example"]
+"""
+
+
+def basic(secret: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{secret}:".encode()).decode()}
+
+
+async def post(app: App, path: str, payload: object, headers: dict[str, str] | None = None, raw: bytes | None = None) -> Any:
+    return await app.client.post(
+        path, data=raw if raw is not None else encode(payload),
+        headers={"Content-Type": "application/json", **(headers or {})},
+    )
+
+
+def rows(app: App) -> list[dict[str, Any]]:
+    return [msgspec.json.decode(line) for d in app.pipeline.deliveries for line in d.rows.splitlines()]
+
+
+@pytest.fixture
+def keys_file(tmp_path: Path) -> Path:
+    path = tmp_path / "keys.toml"
+    path.write_text(KEYS_TOML)
+    return path
+
+
+async def test_track_maps_onto_the_events_table(app: App) -> None:
+    message_id = str(uuid.uuid4())
+    response = await post(app, "/v1/track", {
+        "userId": "u1", "anonymousId": "a1", "event": "Order Completed", "messageId": message_id,
+        "properties": {"total": 12.5, "items": [{"sku": "x", "n": 2}], "big": 12345678901234567890},
+        "timestamp": "2026-01-01T10:00:00.000Z", "context": {"library": {"name": "test"}},
+        "integrations": {"All": True}, "channel": "server", "version": 2, "_metadata": {"x": 1},
+    }, headers={"User-Agent": "sdk/1"})
+
+    assert response.status == 200
+    assert await response.json() == {"success": True}
+    [row] = rows(app)
+    assert row["event_type"] == "Order Completed"
+    assert row["event_id"] == message_id
+    assert row["user_id"] == "u1" and row["anonymous_id"] == "a1"
+    assert row["source"] == "segment" and row.get("source_key", "") == ""
+    assert row["properties"] == '{"total":12.5,"items":[{"sku":"x","n":2}],"big":12345678901234567890}'
+    assert row["created_at"] == "2026-01-01T10:00:00Z"
+    assert row["original_timestamp"] == "2026-01-01T10:00:00Z"
+    assert msgspec.json.decode(row["context"]) == {"ip": "127.0.0.1", "userAgent": "sdk/1", "library": {"name": "test"}}
+    assert "received_at" in row
+
+
+async def test_the_other_calls_get_dollar_types_and_keep_their_extra_members(app: App) -> None:
+    batch = [
+        {"type": "page", "anonymousId": "a", "name": "Home", "category": "Docs", "properties": {"url": "/"}},
+        {"type": "screen", "userId": "u", "name": "Settings"},
+        {"type": "identify", "userId": "u", "traits": {"email": "e@x", "plan": {"tier": 2}}},
+        {"type": "group", "userId": "u", "groupId": "g1", "traits": {"size": 5}},
+        {"type": "alias", "userId": "u", "previousId": "a"},
+    ]
+    response = await post(app, "/v1/batch", {"batch": batch})
+    assert response.status == 200, await response.text()
+    response = await post(app, "/v1/page", {"anonymousId": "a", "name": "Top", "properties": {"name": "Own"}})
+    assert response.status == 200, await response.text()
+    got = rows(app)
+    assert [row["event_type"] for row in got] == ["$page", "$screen", "$identify", "$group", "$alias", "$page"]
+    assert [msgspec.json.decode(row["properties"]) for row in got] == [
+        {"name": "Home", "category": "Docs", "url": "/"},
+        {"name": "Settings"},
+        {"email": "e@x", "plan": {"tier": 2}},
+        {"groupId": "g1", "size": 5},
+        {"previousId": "a"},
+        {"name": "Own"},  # the properties' own member wins, never a duplicate key
+    ]
+
+
+async def test_clock_skew_is_corrected_with_sent_at(app: App) -> None:
+    now = datetime.now(timezone.utc)
+    skewed = now + timedelta(hours=1)  # the device's clock is an hour ahead
+    timestamp = skewed - timedelta(minutes=5)
+    response = await post(app, "/v1/batch", {
+        "batch": [{"type": "track", "event": "e", "userId": "u", "timestamp": timestamp.isoformat()}],
+        "sentAt": skewed.isoformat(),
+    })
+
+    assert response.status == 200
+    [row] = rows(app)
+    created = datetime.fromisoformat(row["created_at"])
+    assert abs(created - (now - timedelta(minutes=5))) < timedelta(seconds=5)
+    assert datetime.fromisoformat(row["original_timestamp"]) == timestamp
+
+
+async def test_message_ids_give_deterministic_event_ids(app: App) -> None:
+    assert event_id_of("ajs-next-abc") == str(uuid.uuid5(MESSAGE_ID_NAMESPACE, "ajs-next-abc"))
+    batch = [{"type": "track", "event": "e", "userId": "u", "messageId": "ajs-next-abc"}]
+    for _ in range(2):
+        assert (await post(app, "/v1/batch", {"batch": batch})).status == 200
+    await post(app, "/v1/track", {"event": "e", "userId": "u"})
+    first, again, generated = (row["event_id"] for row in rows(app))
+    assert first == again == event_id_of("ajs-next-abc")
+    assert uuid.UUID(generated).version == 7
+
+
+@pytest.mark.parametrize(("message", "path", "words"), [
+    ({"type": "track", "userId": "u"}, "$.batch[1]", "`event`"),
+    ({"type": "track", "event": "e"}, "$.batch[1]", "anonymousId"),
+    ({"type": "track", "event": "e", "userId": "u", "properties": [1]}, "$.batch[1].properties", "object"),
+    ({"type": "identify", "userId": "u", "traits": "x"}, "$.batch[1].traits", "object"),
+    ({"type": "track", "event": 5, "userId": "u"}, "$.batch[1].event", "str"),
+    ({"type": "bogus", "userId": "u"}, "$.batch[1].type", ""),
+    ({"event": "e", "userId": "u"}, "$.batch[1]", "`type`"),
+    ({"type": "track", "event": "e", "userId": "u", "timestamp": "yesterday"}, "$.batch[1].timestamp", ""),
+    ({"type": "track", "event": "e", "userId": "u", "context": 1}, "$.batch[1].context", "object"),
+    ({"type": "group", "userId": "u"}, "$.batch[1]", "groupId"),
+    ({"type": "alias", "userId": "u"}, "$.batch[1]", "previousId"),
+    ({"type": "track", "event": "e", "userId": "u", "timestamp": "9999-12-31T23:59:59Z", "sentAt": "0001-01-02T00:00:00Z"},
+     "$.batch[1].timestamp", ""),
+    ({"type": "track", "event": "e", "userId": "u", "timestamp": "1960-01-01T00:00:00Z"}, "$.batch[1].timestamp", "range"),
+    ({"type": "track", "event": " ", "userId": "u"}, "$.batch[1].event", "blank"),
+    ({"type": "track", "event": "e", "userId": "u" * 300}, "$.batch[1].userId", "length"),
+])
+async def test_one_bad_message_refuses_the_whole_batch_naming_it(
+    app: App, message: dict[str, object], path: str, words: str
+) -> None:
+    good = {"type": "track", "event": "ok", "userId": "u"}
+    response = await post(app, "/v1/batch", {"batch": [good, message, good]})
+
+    error = await json_error(response, 400)
+    assert f"`{path}" in error and words in error
+    assert rows(app) == []
+
+
+@pytest.mark.parametrize("body", [b"", b"[]", b"{", b'{"batch": 3}', b'"x"'])
+async def test_malformed_batches_are_400(app: App, body: bytes) -> None:
+    await json_error(await post(app, "/v1/batch", None, raw=body), 400)
+    assert rows(app) == []
+
+
+async def test_oversize_messages_and_batches_are_413(make_app: MakeApp) -> None:
+    app = await make_app(segment_max_message_bytes=200, segment_max_batch_bytes=1000)
+    big = {"type": "track", "event": "e", "userId": "u", "properties": {"x": "y" * 300}}
+    small = {"type": "track", "event": "e", "userId": "u"}
+
+    assert "$.batch[1]" in await json_error(await post(app, "/v1/batch", {"batch": [small, big]}), 413)
+    assert "SEGMENT_MAX_MESSAGE_BYTES" in await json_error(await post(app, "/v1/track", big), 413)
+    assert "SEGMENT_MAX_BATCH_BYTES" in await json_error(await post(app, "/v1/batch", {"batch": [small] * 30}), 413)
+    assert rows(app) == []
+
+
+async def test_gzip_bodies_are_taken(app: App) -> None:
+    body = gzip.compress(encode({"batch": [{"type": "track", "event": "e", "userId": "u"}]}))
+    response = await post(app, "/v1/batch", None, raw=body, headers={"Content-Encoding": "gzip"})
+    assert response.status == 200
+    assert len(rows(app)) == 1
+
+
+async def test_the_write_key_is_an_ingest_key(make_app: MakeApp, keys_file: Path) -> None:
+    app = await make_app(keys_file=keys_file)
+    message = {"event": "e", "userId": "u"}
+
+    assert (await post(app, "/v1/track", message, basic(SERVER_SECRET))).status == 200
+    assert (await post(app, "/v1/batch", {"batch": [{"type": "track", **message}], "writeKey": SERVER_SECRET})).status == 200
+    assert (await post(app, "/v1/track", {**message, "writeKey": SERVER_SECRET})).status == 200
+    await json_error(await post(app, "/v1/track", message), 401)
+    await json_error(await post(app, "/v1/track", message, basic("wrong-key-0123456789")), 401)
+    await json_error(await post(app, "/v1/track", {**message, "writeKey": "wrong-key-0123456789"}), 401)
+    # A browser key from elsewhere: 403, as on /events.
+    await json_error(await post(app, "/v1/track", message, {**basic(BROWSER_SECRET), "Origin": "https://evil.example"}), 403)
+    ok = await post(app, "/v1/track", message, {**basic(BROWSER_SECRET), "Origin": "https://shop.example"})
+    assert ok.status == 200
+    assert ok.headers["Access-Control-Allow-Origin"] == "https://shop.example"
+    got = rows(app)
+    assert [row["source"] for row in got] == ["backend"] * 3 + ["landing"]
+    assert [row["source_key"] for row in got] == ["backend"] * 3 + ["landing"]
+
+
+async def test_rate_limit_is_429(make_app: MakeApp) -> None:
+    app = await make_app(rate_limit=1, rate_burst=2)
+    batch = {"batch": [{"type": "track", "event": "e", "userId": "u"}] * 3}
+    await json_error(await post(app, "/v1/batch", batch), 429)
+
+
+@pytest.mark.parametrize(("mode", "ip"), [("true", "10.1.2.3"), ("anonymize", "10.1.2.0"), ("false", None)])
+async def test_enrich_ip_modes_on_v1_and_events(make_app: MakeApp, mode: Any, ip: str | None) -> None:
+    app = await make_app(enrich_ip=mode, trusted_proxies="127.0.0.1")
+    headers = {"X-Forwarded-For": "10.1.2.3", "User-Agent": "ua/1"}
+    assert (await post(app, "/v1/track", {"event": "e", "userId": "u"}, headers)).status == 200
+    assert (await post(app, "/v1/track", {"event": "e", "userId": "u", "context": {"ip": "1.1.1.1"}}, headers)).status == 200
+    assert (await app.post(encode({"event_type": "x", "source": "s", "created_at": "2026-01-01T00:00:00Z"}),
+                           headers=headers)).status == 202
+    first, own, plain = (msgspec.json.decode(row["context"]) for row in rows(app))
+    expected = {"userAgent": "ua/1", **({"ip": ip} if ip else {})}
+    assert first == expected and plain == expected
+    assert own == {"ip": "1.1.1.1", "userAgent": "ua/1"}  # the sender's own context.ip is kept
+    assert all("received_at" in row for row in rows(app))
+
+
+async def test_settings_point_analytics_js_at_this_host(app: App) -> None:
+    response = await app.client.get("/v1/projects/pk_anything/settings")
+    assert response.status == 200
+    assert response.headers["Access-Control-Allow-Origin"] == "*"
+    settings = await response.json()
+    segment = settings["integrations"]["Segment.io"]
+    assert segment["apiKey"] == "pk_anything"
+    assert segment["apiHost"] == f"{app.client.host}:{app.client.port}/v1"
+    assert segment["protocol"] == "http"
+
+
+@pytest.mark.parametrize("path", ["/v1/track", "/v1/page", "/v1/identify", "/v1/group", "/v1/alias", "/v1/batch", "/v1/t"])
+@pytest.mark.parametrize("body", [
+    b"null", b"[]", b"{}", b'{"batch": null}', b'{"batch": [null]}', b'{"batch": [{"type": "track"}], "context": []}',
+    b'{"userId": {"a": 1}}', b'{"userId": 1.5}', b'{"timestamp": 5, "userId": "u"}', b"\xff\xfe", b'{"writeKey": 3}',
+    b'{"properties": {"a": 1}, "traits": "x", "userId": "u", "event": "e", "groupId": "g", "previousId": "p"}',
+    b'{"userId": "u", "event": "e", "properties": {"deep": ' + b"[" * 200 + b"]" * 200 + b"}}",
+])
+async def test_garbage_is_a_4xx_naming_something_never_a_500(app: App, path: str, body: bytes) -> None:
+    response = await post(app, path, None, raw=body)
+    assert response.status in (200, 400, 413), await response.text()
+    if response.status != 200:
+        payload = await response.json()
+        assert payload["success"] is False and payload["message"] == payload["error"] and payload["code"]
