@@ -16,6 +16,7 @@ import msgspec
 
 from clickpulse import __version__
 from clickpulse.events import Event
+from clickpulse.http.segment import MESSAGE_TYPES, MessageType
 from clickpulse.messages import ACK_MODES
 
 QUERY_FORMATS = ("PrettyCompactMonoBlock", "JSONCompact", "TSV", "TSVWithNames", "CSV", "CSVWithNames", "JSONEachRow")
@@ -52,6 +53,50 @@ class PartlyRejected(msgspec.Struct):
     written: int
 
 
+class SegmentMessage(msgspec.Struct):
+    """One /v1 message. The server decodes it as clickpulse.http.segment.Message, whose
+    properties, traits and context are kept as raw JSON (msgspec.Raw has no schema); a test holds
+    the two to the same members. Any other member is ignored, never refused."""
+
+    type: MessageType | None = None
+    event: str | None = None
+    userId: str | int | None = None
+    anonymousId: str | int | None = None
+    messageId: str | int | None = None
+    timestamp: str | None = None
+    sentAt: str | None = None
+    properties: dict[str, Any] | None = None
+    traits: dict[str, Any] | None = None
+    context: dict[str, Any] | None = None
+    name: str | None = None
+    category: str | None = None
+    previousId: str | int | None = None
+    groupId: str | int | None = None
+    writeKey: str | None = None
+
+
+class SegmentBatch(msgspec.Struct):
+    """A /v1/batch (or /v1/import) body: what the SDKs send."""
+
+    batch: list[SegmentMessage]
+    sentAt: str | None = None
+    context: dict[str, Any] | None = None
+    writeKey: str | None = None
+
+
+class SegmentSuccess(msgspec.Struct):
+    success: Literal[True]
+
+
+class SegmentError(msgspec.Struct):
+    """Segment's error body (what its SDKs read), with clickpulse's `error` beside it."""
+
+    success: Literal[False]
+    code: str
+    message: str
+    error: str
+
+
 class Health(msgspec.Struct):
     status: Literal["ok"]
 
@@ -65,7 +110,8 @@ class NotReady(msgspec.Struct):
     reason: str
 
 
-_STRUCTS = (Event, Accepted, Written, Error, PartlyRejected, Health, Ready, NotReady)
+_STRUCTS = (Event, Accepted, Written, Error, PartlyRejected, Health, Ready, NotReady,
+            SegmentMessage, SegmentBatch, SegmentSuccess, SegmentError)
 _REF = "#/components/schemas/{name}"
 
 
@@ -178,6 +224,51 @@ def _events_operation() -> dict[str, Any]:
     }
 
 
+def _segment_operation(operation_id: str, summary: str, body: type) -> dict[str, Any]:
+    errors = {
+        status: _json(SegmentError, description, headers)
+        for status, description, headers in (
+            ("400", "an invalid message, naming its index and member ($.batch[3].event)", None),
+            ("401", "no write key or an unknown one (INGEST_KEYS_FILE set)", _WWW_AUTHENTICATE),
+            ("403", "a browser key from an origin not in its list", None),
+            ("408", "the body did not arrive within BODY_READ_TIMEOUT", None),
+            ("413", "a message over SEGMENT_MAX_MESSAGE_BYTES, a batch over SEGMENT_MAX_BATCH_BYTES or MAX_BODY_BYTES", None),
+            ("415", "a Content-Type other than JSON, or an unknown Content-Encoding", None),
+            ("429", "over the key's or the client address's rate limit", _RATE_LIMIT),
+            ("503", "the pipeline is full, or the service is shutting down", _RETRY_AFTER),
+        )
+    }
+    return {
+        "operationId": operation_id,
+        "summary": summary,
+        "description": "Segment's HTTP Tracking API: the write key is an ingest key (docs/segment.md has the mapping).",
+        "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(body)}}},
+        "responses": {"200": _json(SegmentSuccess, "every message is in the pipeline"), **errors},
+    }
+
+
+def _segment_paths() -> dict[str, Any]:
+    paths: dict[str, Any] = {}
+    for kind in MESSAGE_TYPES:
+        for path in (f"/v1/{kind}", f"/v1/{kind[0]}"):
+            paths[path] = {
+                "post": _segment_operation(f"segment_{kind}_{path.rsplit('/', 1)[1]}", f"One {kind} message", SegmentMessage),
+                "options": {**_preflight_operation(), "operationId": f"preflight_{path.rsplit('/', 1)[1]}"},
+            }
+    for path in ("/v1/batch", "/v1/import", "/v1/b"):
+        paths[path] = {
+            "post": _segment_operation(f"segment_{path.rsplit('/', 1)[1]}", "A batch of messages", SegmentBatch),
+            "options": {**_preflight_operation(), "operationId": f"preflight_{path.rsplit('/', 1)[1]}"},
+        }
+    paths["/v1/projects/{write_key}/settings"] = {"get": {
+        "operationId": "segmentSettings",
+        "summary": "What analytics.js fetches from its CDN before it sends: this host as its apiHost",
+        "parameters": [{"name": "write_key", "in": "path", "required": True, "schema": {"type": "string"}}],
+        "responses": {"200": {"description": "the settings", "content": {"application/json": {"schema": {"type": "object"}}}}},
+    }}
+    return paths
+
+
 def _query_operation() -> dict[str, Any]:
     return {
         "operationId": "query",
@@ -234,6 +325,7 @@ def openapi_document(*, with_query: bool = True) -> dict[str, Any]:
             "responses": {"200": {"description": "OpenAPI 3.1", "content": {"application/json": {"schema": {"type": "object"}}}}},
         }},
     }
+    paths.update(_segment_paths())
     if with_query:
         paths["/query"] = {"post": _query_operation()}
     return {

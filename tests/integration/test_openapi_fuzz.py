@@ -61,10 +61,14 @@ def test_every_answer_matches_the_document_and_none_is_a_server_error(running_se
     operations = [result.ok() for result in schema.get_all_operations()]
     # schemathesis leaves out the document's own URL, GET /openapi.json (tests/http/test_openapi.py
     # checks that route).
-    assert {operation.label for operation in operations} == {
-        "POST /events", "OPTIONS /events", "GET /healthz", "GET /readyz", "GET /metrics"
-    }
-    for operation in operations:
+    labels = {operation.label for operation in operations}
+    assert {"POST /events", "OPTIONS /events", "GET /healthz", "GET /readyz", "GET /metrics",
+            "POST /v1/track", "POST /v1/batch", "GET /v1/projects/{write_key}/settings"} <= labels
+    # The Segment routes share two handlers (one message, a batch): fuzz one of each, and leave
+    # the aliases (/v1/t, /v1/import...) and their preflights to the unit tests.
+    fuzzed = {"POST /events", "OPTIONS /events", "GET /healthz", "GET /readyz", "GET /metrics",
+              "POST /v1/track", "POST /v1/page", "POST /v1/batch", "GET /v1/projects/{write_key}/settings"}
+    for operation in [operation for operation in operations if operation.label in fuzzed]:
 
         @settings(
             max_examples=EXAMPLES_PER_OPERATION, deadline=None, database=None,
