@@ -28,7 +28,7 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # this checkout's clickpulse and tests/
 
-from clickpulse.spool import encode_record, segment_name  # noqa: E402
+from bench.spool_replay_lag import fill  # noqa: E402
 from tests.servers import find_clickhouse_server, start_clickhouse  # noqa: E402
 from tests.support import clean_environment, free_port, stop_process  # noqa: E402
 
@@ -36,26 +36,12 @@ SEGMENT_BYTES = 32 << 20
 PROBE_SECONDS = 0.010
 
 
-def fill(directory: Path, records: int) -> int:
-    """Writes `records` one-event records in 32 MiB segments; returns the bytes written."""
-    directory.mkdir(parents=True)
-    received_ms = int(time.time() * 1000)
-    number, chunk, size, total = 1, [], 0, 0
-    for index in range(records):
-        row = (
-            b'{"event_type":"page_view","source":"replay","created_at":"2024-05-01T12:00:00Z",'
-            b'"user_id":"u%07d","event_id":"00000000-0000-4000-8000-%012d"}\n' % (index, index)
-        )
-        record = encode_record(row, 1, received_ms)
-        chunk.append(record)
-        size += len(record)
-        if size >= SEGMENT_BYTES:
-            (directory / segment_name(number)).write_bytes(b"".join(chunk))
-            number, chunk, total, size = number + 1, [], total + size, 0
-    if chunk:
-        (directory / segment_name(number)).write_bytes(b"".join(chunk))
-        total += size
-    return total
+def valid_event(index: int) -> bytes:
+    """A row the events table takes, with an id of its own."""
+    return (
+        b'{"event_type":"page_view","source":"replay","created_at":"2024-05-01T12:00:00Z",'
+        b'"user_id":"u%07d","event_id":"00000000-0000-4000-8000-%012d"}\n' % (index, index)
+    )
 
 
 async def probe_until_replayed(url: str, count_rows, records: int) -> tuple[list[float], float, float]:
@@ -93,7 +79,7 @@ def main() -> None:
         sys.exit("no clickhouse-server binary (apt-get install clickhouse-server)")
     with tempfile.TemporaryDirectory(prefix="clickpulse-replay-healthz-") as temporary:
         base = Path(temporary)
-        spool_bytes = fill(base / "spool", arguments.records)
+        spool_bytes = fill(base / "spool", arguments.records, SEGMENT_BYTES, valid_event)
         server = start_clickhouse(base / "clickhouse", command)
         port = free_port()
         env = clean_environment(__import__("os").environ)

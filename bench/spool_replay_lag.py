@@ -14,6 +14,7 @@ machine; the directory is removed afterwards.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 import asyncio
 import json
 import statistics
@@ -34,13 +35,18 @@ from clickpulse.spool import Spool, encode_record, segment_name
 PROBE_SECONDS = 0.010
 
 
-def fill(directory: Path, records: int, segment_bytes: int) -> int:
-    """Writes `records` one-event records in segments of about `segment_bytes`; returns bytes."""
+def page_view(index: int) -> bytes:
+    return b'{"event":"page_view","user_id":"u%07d","n":%d}\n' % (index, index)
+
+
+def fill(directory: Path, records: int, segment_bytes: int, row: Callable[[int], bytes] = page_view) -> int:
+    """Writes `records` one-event records (`row(index)` each) in segments of about
+    `segment_bytes`; returns bytes."""
     directory.mkdir(parents=True, exist_ok=True)
     received_ms = int(time.time() * 1000)
     number, chunk, size, total = 1, [], 0, 0
     for index in range(records):
-        record = encode_record(b'{"event":"page_view","user_id":"u%07d","n":%d}\n' % (index, index), 1, received_ms)
+        record = encode_record(row(index), 1, received_ms)
         chunk.append(record)
         size += len(record)
         if size >= segment_bytes:
