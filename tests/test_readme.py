@@ -63,3 +63,11 @@ def test_the_first_screen_has_the_start_and_test_commands_that_ci_runs() -> None
     test_command = commands[1].split("&&")[-1].strip()
     ci_script = (ROOT / ".ci" / "run").read_text()
     assert test_command in ci_script.splitlines()
+
+
+def test_the_readme_names_every_setting_and_links_its_reference() -> None:
+    from clickpulse.config import SETTINGS
+
+    section = README.split("## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    assert [name for name in (setting.variable for setting in SETTINGS) if f"`{name}`" not in section] == []
+    assert "(docs/configuration.md)" in section
