@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import hdrs, web
 
 from clickpulse.http.connections import GuardedRequestHandler
+from clickpulse.http.adapter import AdapterWiring
 from clickpulse.http.edge import Edge
 from clickpulse.http.enrich import Enricher
 from clickpulse.http.events import EventsEndpoint
@@ -69,23 +69,8 @@ class HttpApp:
             trusted_proxies=(), max_body_bytes=max_body_bytes, max_inflight_body_bytes=0, body_timeout=30.0,
             rejections=rejections, metrics=metrics.receiver,
         )
-        self.events = EventsEndpoint(
+        wiring = AdapterWiring(
             intake=intake,
-            max_body_bytes=max_body_bytes,
-            max_batch_events=max_batch_events,
-            ack_mode=ack_mode,
-            ack_timeout=ack_timeout,
-            draining=lambda: self._draining,
-            pipeline_down=pipeline_down,
-            rejections=rejections,
-            metrics=metrics.receiver,
-            edge=self.edge,
-            enricher=enricher,
-        )
-        self.segment = SegmentEndpoint(
-            intake=intake,
-            max_message_bytes=segment_max_message_bytes,
-            max_batch_bytes=segment_max_batch_bytes,
             max_batch_events=max_batch_events,
             ack_mode=ack_mode,
             ack_timeout=ack_timeout,
@@ -95,6 +80,10 @@ class HttpApp:
             metrics=metrics.receiver,
             edge=self.edge,
             enricher=enricher if enricher is not None else Enricher(),
+        )
+        self.events = EventsEndpoint(wiring, max_body_bytes=max_body_bytes)
+        self.segment = SegmentEndpoint(
+            wiring, max_message_bytes=segment_max_message_bytes, max_batch_bytes=segment_max_batch_bytes
         )
 
     def server_options(self) -> dict[str, object]:

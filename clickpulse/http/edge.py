@@ -27,7 +27,7 @@ from clickpulse.http.bodies import BodyError, InflightBodies, decode, encoding_o
 from clickpulse.http.keys import RESERVED_NAME, IngestKey, KeyStore, presented_secret
 from clickpulse.http.origins import OriginPatterns
 from clickpulse.http.ratelimit import Network, TokenBuckets, Verdict, client_address
-from clickpulse.http.responses import Rejections, json_response
+from clickpulse.http.responses import Rejections
 from clickpulse.metrics import ReceiverMetrics
 
 log = logging.getLogger("clickpulse.http")

@@ -9,18 +9,15 @@ When it answers depends on the acknowledgement mode (ACK_MODE, or `?ack=` per re
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 
 import msgspec
 from aiohttp import hdrs, web
 
 from clickpulse.events import EventDecoder, RowEncoder
-from clickpulse.http.edge import OPEN, Admission, Edge
-from clickpulse.http.enrich import Enricher
-from clickpulse.http.responses import Rejections, json_response
+from clickpulse.http.adapter import AdapterWiring
+from clickpulse.http.edge import OPEN, Admission
+from clickpulse.http.responses import json_response
 from clickpulse.messages import ACK_MODES, AckMode, PipelineDown, Refused, RowsRejected
-from clickpulse.metrics import ReceiverMetrics
-from clickpulse.ports import IntakePort
 
 JSON_TYPES = frozenset({"application/json", "text/plain"})  # text/plain: navigator.sendBeacon
 NDJSON_TYPES = frozenset({"application/x-ndjson", "application/ndjson"})
@@ -31,33 +28,20 @@ _ACCEPTED_ONE = msgspec.json.encode({"status": "accepted"})
 
 
 class EventsEndpoint:
-    def __init__(
-        self,
-        *,
-        intake: IntakePort,
-        max_body_bytes: int,
-        max_batch_events: int,
-        ack_mode: AckMode,
-        ack_timeout: float,
-        draining: Callable[[], bool],
-        pipeline_down: asyncio.Future[None],
-        rejections: Rejections,
-        metrics: ReceiverMetrics,
-        edge: Edge,
-        enricher: Enricher | None = None,
-    ) -> None:
-        self._enricher = enricher if enricher is not None else Enricher()
+    def __init__(self, wiring: AdapterWiring, *, max_body_bytes: int) -> None:
+        # Read on every request: attributes of their own rather than through `wiring`.
+        self._enricher = wiring.enricher
         self._source_keys: dict[str, bytes] = {}
-        self._intake = intake
-        self._edge = edge
+        self._intake = wiring.intake
+        self._edge = wiring.edge
         self._max_body_bytes = max_body_bytes
-        self._max_batch_events = max_batch_events
-        self._ack_mode = ack_mode
-        self._ack_timeout = ack_timeout
-        self._draining = draining
-        self._pipeline_down = pipeline_down
-        self._rejections = rejections
-        self._metrics = metrics
+        self._max_batch_events = wiring.max_batch_events
+        self._ack_mode = wiring.ack_mode
+        self._ack_timeout = wiring.ack_timeout
+        self._draining = wiring.draining
+        self._pipeline_down = wiring.pipeline_down
+        self._rejections = wiring.rejections
+        self._metrics = wiring.metrics
         self._decoder = EventDecoder()
         self._encoder = RowEncoder()
 

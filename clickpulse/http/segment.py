@@ -31,12 +31,11 @@ from aiohttp import hdrs, web
 from msgspec import Raw, Struct
 
 from clickpulse.events import MAX_NAME_LENGTH, MAX_USER_ID_LENGTH, EventIds
-from clickpulse.http.edge import OPEN, Admission, Edge
-from clickpulse.http.enrich import Enricher, now
-from clickpulse.http.responses import Rejections, json_response
-from clickpulse.messages import AckMode, PipelineDown, Refused, RowsRejected
-from clickpulse.metrics import ReceiverMetrics
-from clickpulse.ports import IntakePort
+from clickpulse.http.adapter import AdapterWiring
+from clickpulse.http.edge import OPEN, Admission
+from clickpulse.http.enrich import now
+from clickpulse.http.responses import json_response
+from clickpulse.messages import PipelineDown, Refused, RowsRejected
 
 MessageType = Literal["track", "page", "screen", "identify", "group", "alias"]
 MESSAGE_TYPES: Final[tuple[MessageType, ...]] = ("track", "page", "screen", "identify", "group", "alias")
@@ -338,34 +337,19 @@ def _at(message: str, prefix: str) -> str:
 
 
 class SegmentEndpoint:
-    def __init__(
-        self,
-        *,
-        intake: IntakePort,
-        max_message_bytes: int,
-        max_batch_bytes: int,
-        max_batch_events: int,
-        ack_mode: AckMode,
-        ack_timeout: float,
-        draining: Callable[[], bool],
-        pipeline_down: asyncio.Future[None],
-        rejections: Rejections,
-        metrics: ReceiverMetrics,
-        edge: Edge,
-        enricher: Enricher,
-    ) -> None:
-        self._intake = intake
+    def __init__(self, wiring: AdapterWiring, *, max_message_bytes: int, max_batch_bytes: int) -> None:
+        self._intake = wiring.intake
         self._max_message = max_message_bytes
         self._max_batch = max_batch_bytes
-        self._max_events = max_batch_events
-        self._ack_mode = ack_mode
-        self._ack_timeout = ack_timeout
-        self._draining = draining
-        self._pipeline_down = pipeline_down
-        self._rejections = rejections
-        self._metrics = metrics
-        self._edge = edge
-        self._enricher = enricher
+        self._max_events = wiring.max_batch_events
+        self._ack_mode = wiring.ack_mode
+        self._ack_timeout = wiring.ack_timeout
+        self._draining = wiring.draining
+        self._pipeline_down = wiring.pipeline_down
+        self._rejections = wiring.rejections
+        self._metrics = wiring.metrics
+        self._edge = wiring.edge
+        self._enricher = wiring.enricher
         self._mapper = MessageMapper()
         self._envelope = msgspec.json.Decoder(Envelope)
         self._write_key = msgspec.json.Decoder(WriteKeyOnly)
