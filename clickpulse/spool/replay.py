@@ -248,7 +248,7 @@ class Replay:
         return None
 
     async def forward_loop(self) -> None:
-        kept, memory = self._kept, self._memory
+        kept = self._kept
         while self._forwarding:
             if self._in_flight is not None:
                 batch, self._in_flight = self._in_flight, None
