@@ -15,7 +15,7 @@ from typing import Any, Literal
 import msgspec
 
 from clickpulse import __version__
-from clickpulse.events import Event
+from clickpulse.events import SERVER_FIELDS, Event, server_column_schema
 from clickpulse.http.segment import MESSAGE_TYPES, MessageType
 from clickpulse.messages import ACK_MODES
 
@@ -295,9 +295,13 @@ def _query_operation() -> dict[str, Any]:
 
 def openapi_document(*, with_query: bool = True) -> dict[str, Any]:
     """The whole API; `with_query` False leaves out POST /query (a service writing to a server)."""
-    _, components = msgspec.json.schema_components(_STRUCTS, ref_template=_REF)
+    _, components = msgspec.json.schema_components(_STRUCTS, ref_template=_REF, schema_hook=server_column_schema)
+    # The server's own columns are members of the Struct, not of what a client may send.
+    event = components["Event"]
+    for name in SERVER_FIELDS:
+        del event["properties"][name]
     # Event's docstring is about its implementation; the reader of the API needs the rules.
-    components["Event"]["description"] = (
+    event["description"] = (
         "One analytical event. Any other field is refused (400 naming it). `created_at` is RFC 3339 with `Z` "
         "or an offset, stored in UTC; `event_id` is generated (a UUIDv7) when absent; `properties` is a flat "
         "object of at most 64 entries, stored as JSON text."

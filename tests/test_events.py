@@ -12,9 +12,12 @@ from clickpulse.events import (
     MAX_PROPERTIES,
     MAX_PROPERTY_KEY_LENGTH,
     MAX_PROPERTY_VALUE_LENGTH,
+    SERVER_FIELDS,
     Event,
     EventDecoder,
+    EventIds,
     RowEncoder,
+    RowStamp,
 )
 
 CREATED_AT = "2024-05-06T07:08:09.123Z"
@@ -388,3 +391,47 @@ def test_encode_many_events_has_one_line_each() -> None:
 
     assert len(lines) == 100
     assert [msgspec.json.decode(line)["user_id"] for line in lines] == [f"line\n{index}" for index in range(100)]
+
+
+# -- the server's columns ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field", SERVER_FIELDS)
+def test_a_body_may_not_set_a_server_column(field: str) -> None:
+    refused = "set by the server, never by a client"
+    assert decode_error(encode(event_object(**{field: "2024-01-01T00:00:00Z"}))) == f"{refused} - at `$.{field}`"
+    array = encode([event_object(), event_object(**{field: {"x": 1}})])
+    assert decode_error(array) == f"{refused} - at `$[1].{field}`"
+    line = encode(event_object())[:-1] + b',"' + field.encode() + b'":null}'
+    with pytest.raises(msgspec.ValidationError, match=rf"{refused} - at `\$\[1\]\.{field}`"):
+        EventDecoder().decode_ndjson(encode(event_object()) + b"\n" + line)
+
+
+def test_the_stamp_is_copied_into_every_row() -> None:
+    stamp = RowStamp(msgspec.Raw(b'"2024-05-06T07:08:10.000Z"'), msgspec.Raw(encode('{"ip":"10.0.0.1"}')), msgspec.Raw(b'"shop"'))
+    events, _ = EventDecoder().decode_json(encode([event_object(properties={"a": 1}), event_object()]), stamp)
+
+    rows = [msgspec.json.decode(line) for line in RowEncoder().encode(events).splitlines()]
+
+    assert [row["received_at"] for row in rows] == ["2024-05-06T07:08:10.000Z"] * 2
+    assert [msgspec.json.decode(row["context"]) for row in rows] == [{"ip": "10.0.0.1"}] * 2
+    assert [row["source_key"] for row in rows] == ["shop", "shop"]
+    assert msgspec.json.decode(rows[0]["properties"]) == {"a": 1}
+
+
+def test_without_a_key_the_rows_have_no_source_key_member() -> None:
+    stamp = RowStamp(msgspec.Raw(b'"2024-05-06T07:08:10.000Z"'), msgspec.Raw(b'"{}"'))
+    events = EventDecoder().decode_ndjson(encode(event_object()) + b"\n", stamp)
+
+    row = msgspec.json.decode(RowEncoder().encode(events))
+
+    assert "source_key" not in row and row["context"] == "{}"
+
+
+def test_event_ids_count_up_by_one_across_every_hex_digit_carry() -> None:
+    ids = EventIds().batch(10_000)  # spans at least two carries of the last three hex digits
+
+    counters = [int(event_id[-12:], 16) for event_id in ids]
+    assert counters == list(range(counters[0], counters[0] + 10_000))
+    assert len({event_id[:-12] for event_id in ids}) == 1
+    assert all(uuid.UUID(event_id).version == 7 and len(event_id) == 36 for event_id in ids)

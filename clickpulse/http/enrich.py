@@ -2,8 +2,8 @@
 it (`received_at`) and a `context` object with the client's address (ENRICH_IP) and User-Agent.
 
 Computed once per request; the /v1 API merges it into each message's own context, POST /events
-splices it into every JSONEachRow line (`events.with_members`, cached per second and per
-client), like the ingest key's name.
+sets it on every event as pre-encoded JSON values (`events.RowStamp`, the text cached per second
+and per client), like the ingest key's name.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import time
 from datetime import datetime, timezone
 
 import msgspec
+from msgspec import Raw
 from aiohttp import hdrs, web
 
 from clickpulse.config import EnrichIp
@@ -39,32 +40,32 @@ CONTEXT_CACHE_ENTRIES = 4096
 class Enricher:
     def __init__(self, mode: EnrichIp = "true") -> None:
         self._mode = mode
-        # (client, User-Agent) → the `,"context":"…"` member of /events rows: the hot path pays a
+        # (client, User-Agent) → the `context` value of /events rows, encoded: the hot path pays a
         # dict lookup, not two encodes. Bounded: emptied when full.
-        self._members: dict[tuple[str, str | None], bytes] = {}
+        self._contexts: dict[tuple[str, str | None], Raw] = {}
         self._second = -1
         self._second_text = ""
 
-    def context_member(self, request: web.Request, client: str) -> bytes:
-        """`,"context":"{…}"`: the request's context object as a JSON string member."""
+    def context_value(self, request: web.Request, client: str) -> Raw:
+        """`"{…}"`: the request's context object as an encoded JSON string (the column is text)."""
         agent = request.headers.get(hdrs.USER_AGENT)
-        cache = self._members
-        member = cache.get((client, agent))
-        if member is None:
+        cache = self._contexts
+        value = cache.get((client, agent))
+        if value is None:
             if len(cache) >= CONTEXT_CACHE_ENTRIES:
                 cache.clear()
-            member = b',"context":' + _encode(self.context(request, client).decode())
-            cache[(client, agent)] = member
-        return member
+            value = Raw(_encode(self.context(request, client).decode()))
+            cache[(client, agent)] = value
+        return value
 
-    def received_at_member(self) -> bytes:
-        """`,"received_at":"…"`: now, to the millisecond (the text up to the second is cached)."""
+    def received_at_value(self) -> Raw:
+        """`"…Z"`: now, to the millisecond, encoded (the text up to the second is cached)."""
         now_ns = time.time_ns()
         second, nanoseconds = divmod(now_ns, 1_000_000_000)
         if second != self._second:
             self._second = second
-            self._second_text = ',"received_at":"' + time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second))
-        return f'{self._second_text}{nanoseconds // 1_000_000:03d}Z"'.encode()
+            self._second_text = '"' + time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second))
+        return Raw(f'{self._second_text}{nanoseconds // 1_000_000:03d}Z"'.encode())
 
     def ip(self, client: str) -> str | None:
         """The address to record, or None (ENRICH_IP=false, or no address known)."""

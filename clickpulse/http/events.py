@@ -12,8 +12,9 @@ import asyncio
 
 import msgspec
 from aiohttp import hdrs, web
+from msgspec import UNSET, Raw
 
-from clickpulse.events import EventDecoder, RowEncoder
+from clickpulse.events import EventDecoder, RowEncoder, RowStamp
 from clickpulse.http.adapter import AdapterWiring
 from clickpulse.http.edge import OPEN, Admission
 from clickpulse.http.responses import json_response
@@ -31,7 +32,7 @@ class EventsEndpoint:
     def __init__(self, wiring: AdapterWiring, *, max_body_bytes: int) -> None:
         # Read on every request: attributes of their own rather than through `wiring`.
         self._enricher = wiring.enricher
-        self._source_keys: dict[str, bytes] = {}
+        self._source_keys: dict[str, Raw] = {}
         self._intake = wiring.intake
         self._edge = wiring.edge
         self._max_body_bytes = max_body_bytes
@@ -82,11 +83,18 @@ class EventsEndpoint:
             return body
         if not body.strip():
             return reject("invalid", 400, "empty body: send a JSON object, a JSON array or NDJSON lines")
+        enricher = self._enricher
+        key = admission.key
+        stamp = RowStamp(
+            enricher.received_at_value(),
+            enricher.context_value(request, edge.client_of(request, admission)),
+            UNSET if key is None else self._source_keys.get(key.name) or self._source_key_value(key.name),
+        )
         try:
             if is_ndjson:
-                events, is_batch = self._decoder.decode_ndjson(body), True
+                events, is_batch = self._decoder.decode_ndjson(body, stamp), True
             else:
-                events, is_batch = self._decoder.decode_json(body)
+                events, is_batch = self._decoder.decode_json(body, stamp)
         except msgspec.DecodeError as error:
             return reject("invalid", 400, str(error))
         count = len(events)
@@ -101,12 +109,6 @@ class EventsEndpoint:
         if limited is not None:
             return limited
         rows = self._encoder.encode(events)
-        enricher = self._enricher
-        key = admission.key
-        members = enricher.received_at_member() + enricher.context_member(request, edge.client_of(request, admission))
-        if key is not None:
-            members += self._source_keys.get(key.name) or self._source_key_member(key.name)
-        rows = with_members(rows, members)
         loop = asyncio.get_running_loop()
         confirmation = loop.create_future() if ack_mode == "clickhouse" else None
         try:
@@ -154,11 +156,11 @@ class EventsEndpoint:
             {hdrs.RETRY_AFTER: str(RETRY_AFTER_PIPELINE_DOWN)},
         )
 
-    def _source_key_member(self, name: str) -> bytes:
-        member = b',"source_key":' + msgspec.json.encode(name)
+    def _source_key_value(self, name: str) -> Raw:
+        value = Raw(msgspec.json.encode(name))
         if len(self._source_keys) < 1024:  # key names come from INGEST_KEYS_FILE: few
-            self._source_keys[name] = member
-        return member
+            self._source_keys[name] = value
+        return value
 
     def _ack_mode_of(self, request: web.Request) -> AckMode | None:
         """The request's acknowledgement mode, or None when its query asks for an unknown one."""
@@ -173,14 +175,3 @@ class EventsEndpoint:
                 return known
         return None
 
-
-def with_source_key(rows: bytes, name: str) -> bytes:
-    """Adds `"source_key": name` to every JSONEachRow line."""
-    return with_members(rows, b',"source_key":' + msgspec.json.encode(name))
-
-
-def with_members(rows: bytes, members: bytes) -> bytes:
-    """Adds JSON members (`,"name":value…`) to every JSONEachRow line, in one pass. Each line is
-    one JSON object and ends with `}\n`; JSON text never holds a raw newline, so `}\n` occurs
-    only at the ends."""
-    return rows.replace(b"}\n", members + b"}\n")
