@@ -32,6 +32,11 @@ class _FastValues:
         # The label items as a caller passed them → their sorted, checked form.
         self._keys: dict[LabelKey, LabelKey] = {}
 
+    def key_of(self, labels: dict[str, str]) -> LabelKey:
+        """The store's key for `labels`, checked: for a caller that updates the same series on
+        every request and keeps the key (`add_at`, `observe_at`) instead of a dict."""
+        return self._key(labels)
+
     def _key(self, labels: dict[str, str]) -> LabelKey:
         if not labels:
             return ()
@@ -62,6 +67,11 @@ class Counter(_FastValues, _Counter):
             raise ValueError("Counters can't decrease")
         key = self._key(labels)
         self._store[key] = self._store.get(key, 0) + value
+
+    def add_at(self, key: LabelKey, value: float) -> None:
+        """`add` for a key from `key_of`."""
+        store = self._store
+        store[key] = store.get(key, 0) + value
 
     def inc(self, labels: dict[str, str]) -> None:
         self.add(labels, 1)
@@ -103,7 +113,10 @@ class Histogram(_FastValues, _Histogram):
         self._store.setdefault(self._key(labels), _HistogramState(len(self._bounds)))
 
     def add(self, labels: dict[str, str], value: float) -> None:  # type: ignore[override]  # numbers only: aioprometheus's value type also admits its histogram and quantile objects
-        key = self._key(labels)
+        self.observe_at(self._key(labels), value)
+
+    def observe_at(self, key: LabelKey, value: float) -> None:
+        """`observe` for a key from `key_of`."""
         state = self._store.get(key)
         if state is None:
             state = self._store[key] = _HistogramState(len(self._bounds))

@@ -11,8 +11,8 @@ import msgspec
 import pytest
 from aioprometheus import Registry
 
-from clickpulse.batcher import Batcher
-from clickpulse.messages import Batch, Delivery
+from clickpulse.batcher import Batcher, EventMailbox
+from clickpulse.messages import STOP, Batch, Delivery
 from clickpulse.metrics import BatcherMetrics
 
 
@@ -203,6 +203,58 @@ async def test_below_batch_size_nothing_is_flushed_before_the_interval(start_bat
 
     assert harness.writer.batches == []
     assert harness.batcher.held_events == 9
+
+
+async def test_a_waiting_mailbox_wakes_only_once_the_events_asked_for_are_there() -> None:
+    mailbox = EventMailbox()
+    waiting = asyncio.create_task(mailbox.get(deadline=None, wake_at_events=5))
+    await settle()
+
+    for _ in range(4):
+        mailbox.put(make_delivery(1))
+    await settle()
+    assert not waiting.done(), "four single events woke a get that asked for five"
+
+    mailbox.put(make_delivery(1))
+    await settle()
+    first = waiting.result()
+    assert isinstance(first, Delivery) and mailbox.events == 4  # the rest are drained without waiting
+    assert [await mailbox.get(None) for _ in range(4)] and mailbox.events == 0
+
+
+async def test_a_stop_wakes_a_mailbox_waiting_for_events() -> None:
+    mailbox = EventMailbox()
+    waiting = asyncio.create_task(mailbox.get(deadline=None, wake_at_events=1000))
+    await settle()
+    mailbox.put(make_delivery(1))
+    mailbox.put(STOP)
+    await settle()
+    assert isinstance(waiting.result(), Delivery)
+
+
+async def test_deliveries_that_did_not_wake_the_batcher_are_in_its_interval_flush(start_batcher: MakeHarness) -> None:
+    harness = await start_batcher(batch_size=100, flush_interval=0.1)
+    for _ in range(30):
+        harness.put(1)
+        await asyncio.sleep(0.001)
+
+    await harness.writer.wait_for_batches(1, timeout=1.0)
+
+    assert sizes(harness.writer.batches) == [30]
+    assert harness.writer.batches[0].trigger == "interval"
+    assert harness.writer.delivered_names == [f"e{index}" for index in range(30)]
+
+
+async def test_a_delivery_that_fills_the_batch_wakes_the_batcher_before_the_interval(start_batcher: MakeHarness) -> None:
+    harness = await start_batcher(batch_size=10, flush_interval=10.0)
+    for _ in range(9):
+        harness.put(1)
+    await settle()
+    harness.put(1)
+
+    await harness.writer.wait_for_batches(1, timeout=1.0)
+
+    assert sizes(harness.writer.batches) == [10] and harness.writer.batches[0].trigger == "size"
 
 
 # -- flush by interval ------------------------------------------------------------------------

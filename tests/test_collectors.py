@@ -66,3 +66,24 @@ def test_a_zeroed_histogram_renders_empty_buckets() -> None:
     histogram.zero({})
     text = TextFormatter().marshall(registry).decode()
     assert 'h_seconds_bucket{le="+Inf"} 0' in text and "h_seconds_count 0" in text
+
+
+def test_updates_through_a_kept_key_render_like_updates_through_labels() -> None:
+    def render(by_key: bool) -> str:
+        registry = Registry()
+        counter = collectors.Counter("c_total", "a counter", registry=registry)
+        histogram = collectors.Histogram("h_seconds", "a histogram", registry=registry, buckets=BUCKETS)
+        draw = random.Random(3)
+        for _ in range(500):
+            labels = dict(draw.choice(LABEL_SETS))
+            value = draw.uniform(0, 20)
+            if by_key:
+                counter.add_at(counter.key_of(labels), 2)
+                histogram.observe_at(histogram.key_of(labels), value)
+            else:
+                counter.add(labels, 2)
+                histogram.observe(labels, value)
+        return TextFormatter().marshall(registry).decode()
+
+    assert render(by_key=True) == render(by_key=False)
+    assert "c_total" in render(by_key=True)

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import hdrs, web
 
+from clickpulse.collectors import LabelKey
 from clickpulse.http.connections import GuardedRequestHandler
 from clickpulse.http.adapter import AdapterWiring
 from clickpulse.http.edge import Edge
@@ -29,6 +30,7 @@ from clickpulse.ports import IntakePort
 log = logging.getLogger("clickpulse.http")
 
 METHOD_LABELS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+MAX_SERIES_KEYS = 4096  # far above methods × routes × statuses; a guard, not a tuning
 LOOPBACK_ADDRESSES = frozenset({"127.0.0.1", "::1"})
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -60,6 +62,10 @@ class HttpApp:
         self._query = query
         self._openapi = encoded_document(with_query=query is not None)
         self._metrics = metrics
+        # (method, route, status) → the keys of its duration and request series: a lookup per
+        # request instead of two label dicts to build and check. Bounded by the routes, the
+        # method labels and the statuses clickpulse answers with.
+        self._series: dict[tuple[str, str, int], tuple[LabelKey, LabelKey]] = {}
         self._draining = False
         self._keepalive_timeout = keepalive_timeout
         rejections = rejections if rejections is not None else Rejections(metrics.receiver)
@@ -194,14 +200,20 @@ class HttpApp:
             log.exception("unexpected error while serving %s %s", request.method, request.path)
             response = json_response(500, {"error": "internal error; see the clickpulse log"})
         resource = request.match_info.route.resource
-        labels = {
-            "method": request.method if request.method in METHOD_LABELS else "other",
-            "path": resource.canonical if resource is not None else "unmatched",
-        }
+        method = request.method if request.method in METHOD_LABELS else "other"
+        path = resource.canonical if resource is not None else "unmatched"
         receiver = self._metrics.receiver
-        receiver.http_request_duration.observe(labels, time.perf_counter() - started)
-        labels["status"] = str(response.status)
-        receiver.http_requests.inc(labels)
+        series = self._series.get((method, path, response.status))
+        if series is None:
+            labels = {"method": method, "path": path}
+            series = (
+                receiver.http_request_duration.key_of(labels),
+                receiver.http_requests.key_of({**labels, "status": str(response.status)}),
+            )
+            if len(self._series) < MAX_SERIES_KEYS:
+                self._series[(method, path, response.status)] = series
+        receiver.http_request_duration.observe_at(series[0], time.perf_counter() - started)
+        receiver.http_requests.add_at(series[1], 1)
         if guarded is not None:
             guarded.request_done()
         return response

@@ -23,6 +23,7 @@ from typing import Final
 
 from aiohttp import hdrs, web
 
+from clickpulse.collectors import LabelKey
 from clickpulse.http.bodies import BodyError, InflightBodies, decode, encoding_of, read_raw
 from clickpulse.http.keys import RESERVED_NAME, IngestKey, KeyStore, presented_secret
 from clickpulse.http.origins import OriginPatterns
@@ -36,6 +37,7 @@ WWW_AUTHENTICATE: Final = {"WWW-Authenticate": 'Bearer realm="clickpulse"'}
 PREFLIGHT_MAX_AGE = 600
 RETRY_AFTER_INFLIGHT = 1
 NO_KEY_LABEL = RESERVED_NAME  # the `key` label of events sent without a key
+MAX_KEY_SERIES = 4096  # key names come from INGEST_KEYS_FILE: few
 
 
 @dataclass(slots=True)
@@ -78,6 +80,7 @@ class Edge:
             TokenBuckets(rate_limit, rate_burst or max(1, int(rate_limit)), clock) if rate_limit else None
         )
         self._by_key: dict[str, TokenBuckets] = {}
+        self._key_series: dict[str, LabelKey] = {}  # key name → its events_by_key series
         self._allowed_origins = cors_origins
         self._apply_keys()
 
@@ -290,7 +293,14 @@ class Edge:
 
     def accepted(self, admission: Admission, events: int) -> None:
         key = admission.key
-        self._metrics.events_by_key.add({"key": key.name if key is not None else NO_KEY_LABEL}, events)
+        name = key.name if key is not None else NO_KEY_LABEL
+        counter = self._metrics.events_by_key
+        series = self._key_series.get(name)
+        if series is None:
+            series = counter.key_of({"key": name})
+            if len(self._key_series) < MAX_KEY_SERIES:
+                self._key_series[name] = series
+        counter.add_at(series, events)
 
     def key_name(self, admission: Admission) -> str | None:
         return admission.key.name if admission.key is not None else None

@@ -45,6 +45,8 @@ class Enricher:
         self._contexts: dict[tuple[str, str | None], Raw] = {}
         self._second = -1
         self._second_text = ""
+        self._millisecond = -1
+        self._received_at = Raw(b'""')
 
     def context_value(self, request: web.Request, client: str) -> Raw:
         """`"{…}"`: the request's context object as an encoded JSON string (the column is text)."""
@@ -59,13 +61,18 @@ class Enricher:
         return value
 
     def received_at_value(self) -> Raw:
-        """`"…Z"`: now, to the millisecond, encoded (the text up to the second is cached)."""
-        now_ns = time.time_ns()
-        second, nanoseconds = divmod(now_ns, 1_000_000_000)
+        """`"…Z"`: now, to the millisecond, encoded (built once per millisecond; the text up to
+        the second once per second)."""
+        millisecond = time.time_ns() // 1_000_000
+        if millisecond == self._millisecond:
+            return self._received_at
+        second, milliseconds = divmod(millisecond, 1000)
         if second != self._second:
             self._second = second
             self._second_text = '"' + time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second))
-        return Raw(f'{self._second_text}{nanoseconds // 1_000_000:03d}Z"'.encode())
+        self._millisecond = millisecond
+        self._received_at = Raw(f'{self._second_text}{milliseconds:03d}Z"'.encode())
+        return self._received_at
 
     def ip(self, client: str) -> str | None:
         """The address to record, or None (ENRICH_IP=false, or no address known)."""

@@ -45,6 +45,8 @@ class EventsEndpoint:
         self._metrics = wiring.metrics
         self._decoder = EventDecoder()
         self._encoder = RowEncoder()
+        # The event loop, taken once: on Python 3.11 every get_running_loop() is a getpid() call.
+        self._loop = wiring.pipeline_down.get_loop()
 
     async def post(self, request: web.Request) -> web.Response:
         edge = self._edge
@@ -66,7 +68,9 @@ class EventsEndpoint:
         if ack_mode == "disk" and not self._intake.takes_durable:
             return reject("invalid", 400, "ack=disk needs a spool: start clickpulse with SPOOL_DIR")
         is_ndjson = False
-        if hdrs.CONTENT_TYPE in request.headers:
+        declared = request.headers.get(hdrs.CONTENT_TYPE)
+        # The header exactly as most clients send it needs no parsing.
+        if declared is not None and declared != "application/json":
             content_type = request.content_type
             is_ndjson = content_type in NDJSON_TYPES
             if not is_ndjson and content_type not in JSON_TYPES:
@@ -109,7 +113,7 @@ class EventsEndpoint:
         if limited is not None:
             return limited
         rows = self._encoder.encode(events)
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         confirmation = loop.create_future() if ack_mode == "clickhouse" else None
         try:
             await self._intake.accept(
