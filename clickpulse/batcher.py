@@ -45,6 +45,12 @@ class EventMailbox:
         return self._events
 
     @property
+    def waited_on(self) -> bool:
+        """Whether the Batcher sleeps in `get`: what waits here then waits to fill its batch,
+        not for a busy Batcher."""
+        return self._arrival is not None
+
+    @property
     def oldest_received_at(self) -> float | None:
         """When the oldest waiting delivery was received (event-loop clock); None when there is none."""
         return next((message.received_at for message in self._messages if isinstance(message, Delivery)), None)
@@ -133,8 +139,14 @@ class Batcher:
 
     def publish_metrics(self) -> None:
         """Sets the Batcher's gauges from its state; called at every scrape, not at every request,
-        where the updates cost more than they told."""
-        self._metrics.publish(self._mailbox.events, self._buffered_events, self.oldest_event_age())
+        where the updates cost more than they told. Events that have not woken a sleeping Batcher
+        belong to the batch it is filling: they count as buffered, and the mailbox gauge keeps
+        meaning what piles up while the Batcher (or the Writer behind it) is busy."""
+        mailbox = self._mailbox
+        if mailbox.waited_on:
+            self._metrics.publish(0, self._buffered_events + mailbox.events, self.oldest_event_age())
+        else:
+            self._metrics.publish(mailbox.events, self._buffered_events, self.oldest_event_age())
 
     async def run(self) -> None:
         try:

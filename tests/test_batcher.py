@@ -475,6 +475,19 @@ async def test_buffer_events_gauge_counts_the_mailbox_too(start_batcher: MakeHar
     assert harness.batcher.held_events == 13
 
 
+async def test_events_that_did_not_wake_the_batcher_count_as_buffered_not_as_waiting(start_batcher: MakeHarness) -> None:
+    harness = await start_batcher(batch_size=100, flush_interval=10.0)
+    for _ in range(5):
+        harness.put(2)
+        await settle()
+
+    harness.batcher.publish_metrics()
+
+    assert harness.metrics.mailbox_events.get({}) == 0
+    assert harness.metrics.buffered_events.get({}) == 10
+    assert harness.metrics.buffer_events.get({}) == 10
+
+
 async def test_oldest_event_age_is_the_mailbox_head_while_the_buffer_is_empty(start_batcher: MakeHarness) -> None:
     harness = await start_batcher(run=False)
     assert harness.batcher.oldest_event_age() == 0.0
