@@ -8,20 +8,25 @@ Every request passes through the edge like POST /events (key, CORS, body bounds,
 The write key is an ingest key: HTTP Basic with the key as user name (what the SDKs send), the
 edge's other forms, or a `writeKey` member of the body.
 
-A batch is decoded twice, each time in one call into msgspec's C code: as a list of
-`msgspec.Raw` (each message's bytes, to hold it to SEGMENT_MAX_MESSAGE_BYTES), then as a list of
-`Message` Structs, whose `properties`, `traits` and `context` stay `msgspec.Raw`: stored as the
-JSON text the SDK sent, never turned into dicts. Members the spec allows but the table has no
-home for (`integrations`, `channel`, `version`, `_metadata`, `receivedAt`, library extras) are
-ignored; only required members and their types can fail a message. All or nothing: one bad
-message refuses the request, naming it (`$.batch[3].event`).
+Each message is decoded by msgspec's C code into Structs whose `properties`, `traits` and
+`context` stay `msgspec.Raw`: stored as the JSON text the SDK sent, never turned into dicts.
+Members the spec allows but the table has no home for (`integrations`, `channel`, `version`,
+`_metadata`, `receivedAt`, library extras) are ignored; only required members and their types
+can fail a message. All or nothing: one bad message refuses the request, naming it
+(`$.batch[3].event`).
 
-Two paths give the rows, and the same rows. The common batch (track messages with a timestamp,
-an object of properties and no context of their own: what server SDKs send) is mapped a member
-at a time over the whole batch, in C loops (`common_rows`), at a fraction of a microsecond per
-message. Any other batch, and any batch with something wrong in it, takes the general path:
-message by message (`MessageMapper.row`), which alone decides every error, so a refused
-batch names the same first bad message whichever path it started on.
+A batch body is first decoded as an Envelope, its messages a list of `msgspec.Raw` (each
+message's bytes, to hold it to SEGMENT_MAX_MESSAGE_BYTES). Then two paths give its rows, the same
+rows (tests/http/test_segment.py holds them to it):
+
+- the common path (`MessageMapper.common_rows`) decodes the body again in one call, as
+  CommonMessages: track messages with a timestamp, an object of properties and no context of
+  their own, which msgspec checks in C as it decodes; then it maps one member at a time over the
+  whole batch, each a C loop, at a fraction of a microsecond per message;
+- the general path (`MessageMapper.general_rows`) maps any other batch message by message, in
+  order (its messages decoded in one call too, as Messages, when they all decode), and alone
+  decides every error: a batch the common path declines for a bad message is refused naming the
+  same first bad message as if the common path did not exist.
 """
 
 from __future__ import annotations
@@ -30,15 +35,16 @@ import asyncio
 import hashlib
 import re
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from itertools import repeat
-from operator import add, attrgetter, is_, itemgetter, sub
-from typing import Final, Literal
+from operator import add, is_, itemgetter, sub
+from typing import Annotated, Final, Literal
 
 import msgspec
 from aiohttp import hdrs, web
-from msgspec import Raw, Struct
+from msgspec import Meta, Raw, Struct
 
 from clickpulse.events import MAX_NAME_LENGTH, MAX_USER_ID_LENGTH, EventIds
 from clickpulse.http.adapter import AdapterWiring
@@ -93,6 +99,37 @@ class DecodedBatch(Struct, gc=False):
     batch: list[Message]
 
 
+EventName = Annotated[str, Meta(min_length=1, max_length=MAX_NAME_LENGTH)]
+TextId = Annotated[str, Meta(min_length=1, max_length=MAX_USER_ID_LENGTH)]
+AwareDatetime = Annotated[datetime, Meta(tz=True)]
+
+
+class CommonMessage(Struct, kw_only=True, gc=False):
+    """A track message of the common shape: Message's members, each the same type or a narrower
+    one, so that msgspec checks in C most of what `MessageMapper.row` checks in Python. A message
+    it refuses is not bad, only not common: the general path takes it."""
+
+    type: Literal["track"]
+    event: EventName
+    userId: TextId | None = None  # a number: the general path (its text is the id)
+    anonymousId: TextId | None = None
+    messageId: str | None = None
+    timestamp: AwareDatetime  # none, or without a zone: the general path
+    sentAt: AwareDatetime | None = None
+    properties: Raw  # its own object, checked in `common_rows`
+    traits: Raw = Raw()
+    context: None = None  # its own context, enriched message by message: the general path
+    name: str | None = None
+    category: str | None = None
+    previousId: str | int | None = None
+    groupId: str | int | None = None
+    writeKey: str | None = None
+
+
+class CommonBatch(Struct, gc=False):
+    batch: list[CommonMessage]
+
+
 class WriteKeyOnly(Struct, gc=False):
     writeKey: str | None = None
 
@@ -122,6 +159,18 @@ class Row(Struct, omit_defaults=True, gc=False):
     user_id: str | None = None
     anonymous_id: str | None = None
     original_timestamp: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFacts:
+    """What one request gives every row it brings."""
+
+    received_at: datetime
+    source: str
+    source_key: str
+    request_context: tuple[bytes, bytes]  # the `"ip":…` and `"userAgent":…` members, each b"" when none
+    sent_at: datetime | None = None  # the batch's, for its messages without their own
+    batch_context: str = "{}"  # the batch's context, enriched: the context of its messages without their own
 
 
 class Invalid(Exception):
@@ -176,24 +225,26 @@ _UUID_RUN_BYTES: Final = b"0123456789abcdef-\n"
 _UUID_HYPHEN_COLUMNS: Final = (8, 13, 18, 23)
 
 
-def event_ids_of(message_ids: Sequence[str | int | None]) -> list[str]:
+def event_ids_of(message_ids: list[str | int | None]) -> list[str]:
     """`event_id_of` of each messageId ("" for an absent one). The common batch, all UUID texts,
     is checked in a few passes over the ids joined into one text, not an expression match each."""
     count = len(message_ids)
     try:
-        joined = "\n".join(message_ids).encode().lower()  # type: ignore[arg-type]  # TypeError: not all texts
+        joined = "\n".join(message_ids).encode()  # type: ignore[arg-type]  # TypeError: not all texts
     except TypeError:
         joined = b""
+    lowered = joined.lower()
     if (
-        len(joined) == 37 * count - 1
-        and not joined.translate(None, _UUID_RUN_BYTES)
-        and joined.count(b"-") == 4 * count
-        and joined.count(b"\n") == count - 1
-        and all(joined[column::37] == b"-" * count for column in _UUID_HYPHEN_COLUMNS)
-        and joined[36::37] == b"\n" * (count - 1)
+        len(lowered) == 37 * count - 1
+        and not lowered.translate(None, _UUID_RUN_BYTES)
+        and lowered.count(b"-") == 4 * count
+        and lowered.count(b"\n") == count - 1
+        and all(lowered[column::37] == b"-" * count for column in _UUID_HYPHEN_COLUMNS)
+        and lowered[36::37] == b"\n" * (count - 1)
     ):
-        # Hex digits only, but for 4 hyphens in each UUID and a newline between two, each where it belongs.
-        return joined.decode().split("\n")
+        # Hex digits only, but for 4 hyphens in each UUID and a newline between two, each where it
+        # belongs. Lowercase already (what uuid4() gives): the very texts, not copies.
+        return message_ids if lowered == joined else lowered.decode().split("\n")  # type: ignore[return-value]
     return [event_id_of(message_id) or "" for message_id in message_ids]
 
 
@@ -205,6 +256,15 @@ def _object(raw: Raw, path: str, field: str) -> bytes | None:
     if data[:1] != b"{":
         raise Invalid(f"Expected `object`, got `{_json_kind(data)}` - at `{path}.{field}`")
     return data
+
+
+def _text(data: bytes, path: str, field: str) -> str:
+    """A member's JSON text as sent. msgspec checks the UTF-8 of what it decodes, not of the
+    text it keeps as Raw: a bad byte there is the sender's error, not a 500."""
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        raise Invalid(f"Invalid UTF-8 encoded string - at `{path}.{field}`") from None
 
 
 def _json_kind(data: bytes) -> str:
@@ -241,6 +301,8 @@ class MessageMapper:
 
     def __init__(self) -> None:
         self._one = msgspec.json.Decoder(Message)
+        self._batch = msgspec.json.Decoder(DecodedBatch)
+        self._common = msgspec.json.Decoder(CommonBatch)
         self._present = msgspec.json.Decoder(_Present)
         self._encode = msgspec.json.encode
 
@@ -266,19 +328,8 @@ class MessageMapper:
             members.append(agent_member)
         return _with_members(context, members)
 
-    def row(
-        self,
-        message: Message,
-        kind: MessageType,
-        path: str,
-        *,
-        received_at: datetime,
-        sent_at: datetime | None,
-        batch_context: bytes,
-        request_context: tuple[bytes, bytes],
-        source: str,
-        source_key: str,
-    ) -> Row:
+    def row(self, message: Message, kind: MessageType, path: str, facts: RequestFacts) -> Row:
+        """The row of one message; Invalid, naming `path` and the member, when it is bad."""
         encode = self._encode
         if kind == "track":
             event = message.event
@@ -323,17 +374,18 @@ class MessageMapper:
                 if present is None or not getattr(present, name)
             ]
             properties = _with_members(properties, members)
-        context = _object(message.context, path, "context")
-        if context is None:
-            context = batch_context  # enriched once per request
+        own_context = _object(message.context, path, "context")
+        if own_context is None:
+            context = facts.batch_context  # enriched once per request
         else:
-            context = self.enriched(context, request_context)
+            context = _text(self.enriched(own_context, facts.request_context), path, "context")
+        received_at = facts.received_at
         timestamp = message.timestamp
         if timestamp is not None and timestamp.tzinfo is None:
             timestamp = timestamp.replace(tzinfo=timezone.utc)
         sent = message.sentAt
         if sent is None:
-            sent = sent_at
+            sent = facts.sent_at
         elif sent.tzinfo is None:
             sent = sent.replace(tzinfo=timezone.utc)
         if timestamp is None:
@@ -356,93 +408,103 @@ class MessageMapper:
         return Row(
             event_id=event_id if event_id is not None else "",
             event_type=event_type,
-            source=source,
+            source=facts.source,
             created_at=created_at,
             received_at=received_at,
-            properties=(properties if properties is not None else b"{}").decode(),
-            context=context.decode(),
-            source_key=source_key,
+            properties=_text(properties, path, "traits" if kind in ("identify", "group") else "properties")
+            if properties is not None else "{}",
+            context=context,
+            source_key=facts.source_key,
             user_id=user_id or None,
             anonymous_id=anonymous_id or None,
             original_timestamp=timestamp,
         )
 
-    def common_rows(
-        self,
-        messages: list[Message],
-        *,
-        received_at: datetime,
-        sent_at: datetime | None,
-        batch_context: bytes,
-        source: str,
-        source_key: str,
-    ) -> list[Row] | None:
-        """The rows `row` gives a batch of the common shape, one member at a time over the whole
-        batch, each pass a C loop; None for any other batch, and for a batch that fails a check,
-        whose errors `row` then names. Common: track messages with an event, a string userId or
-        anonymousId, an aware timestamp, an object of properties, no context of their own (the
-        batch's, enriched once, is theirs), and a sentAt on all of them or on none."""
+    def batch_rows(self, body: bytes, raw_messages: list[Raw], max_message_bytes: int, facts: RequestFacts) -> list[Row]:
+        """The rows of a batch body whose messages are `raw_messages` (its Envelope's): the
+        common path's when it takes the batch, else the general path's."""
+        messages = None
+        if not raw_messages or max(map(len, raw_messages)) <= max_message_bytes:
+            common = self.common_rows(body, facts)
+            if common is not None:
+                return common
+            messages = self.decode_batch(body)
+        return self.general_rows(raw_messages, messages, max_message_bytes, facts)
+
+    def general_rows(
+        self, raw_messages: list[Raw], messages: list[Message] | None, max_message_bytes: int, facts: RequestFacts
+    ) -> list[Row]:
+        """Message by message, in order, so that the first bad one is the one named. `messages`:
+        all of them decoded already, when they could be (else each is decoded here)."""
+        rows = []
+        for index, raw in enumerate(raw_messages):
+            path = f"$.batch[{index}]"
+            if len(raw) > max_message_bytes:
+                raise Invalid(
+                    f"message larger than {max_message_bytes} bytes (SEGMENT_MAX_MESSAGE_BYTES) - at `{path}`", 413
+                )
+            message = messages[index] if messages is not None else self.decode(raw, path)
+            if message.type is None:
+                raise Invalid(f"Object missing required field `type` - at `{path}`")
+            rows.append(self.row(message, message.type, path, facts))
+        return rows
+
+    def decode_batch(self, body: bytes) -> list[Message] | None:
+        """Every message of a batch body, decoded in one call; None when one fails to (the
+        general path decodes them one by one, to name the first bad one)."""
+        try:
+            return self._batch.decode(body).batch
+        except msgspec.DecodeError:
+            return None
+
+    def common_rows(self, body: bytes, facts: RequestFacts) -> list[Row] | None:
+        """The rows `row` gives the messages of a batch body of the common shape (CommonMessage,
+        and a sentAt on all of them or on none), each member mapped over the whole batch at once
+        in a C loop; None for any other batch, and for one that fails a check, whose errors the
+        general path then names."""
+        try:
+            messages = self._common.decode(body).batch
+        except msgspec.DecodeError:
+            return None
         count = len(messages)
         if not count:
             return []
-        if [message.type for message in messages].count("track") != count:
-            return None
-        if any([message.context for message in messages]):  # Raw() is empty, so false
-            return None
         events = [message.event for message in messages]
-        if events.count(None) or not _names(events):  # type: ignore[arg-type]  # no None in them
+        if any(map(str.isspace, events)):
             return None
         user_ids = [message.userId for message in messages]
         anonymous_ids = [message.anonymousId for message in messages]
-        # `is_` is true where both are None: neither id (or the very same text: the general path too).
-        if not (_text_ids(user_ids) and _text_ids(anonymous_ids)) or any(map(is_, user_ids, anonymous_ids)):
+        # True where both are None: neither id (or both the very same text: the general path too).
+        if any(map(is_, user_ids, anonymous_ids)):
             return None
         timestamps = [message.timestamp for message in messages]
-        if timestamps.count(None) or not all(map(_TZINFO, timestamps)):  # naive ones: UTC, in `row`
-            return None
-        created_at = _corrected(timestamps, [message.sentAt for message in messages], received_at, sent_at)  # type: ignore[arg-type]
+        received_at = facts.received_at
+        created_at = _corrected(timestamps, [message.sentAt for message in messages], received_at, facts.sent_at)
         if created_at is None:
             return None
         # Raw bytes are JSON, which holds no NUL byte anywhere: a separator that cannot be inside one.
-        properties = str(b"\0".join([message.properties for message in messages]), "utf-8").split("\0")
         try:
-            if "".join(map(_FIRST_CHARACTER, properties)) != "{" * count:
-                return None  # one is not an object: `row` says which
-        except IndexError:
-            return None  # one is absent: `{}`, in `row`
+            properties = str(b"\0".join([message.properties for message in messages]), "utf-8").split("\0")
+        except UnicodeDecodeError:
+            return None  # msgspec does not check the text inside a Raw: the general path names it
+        if "".join(map(_FIRST_CHARACTER, properties)) != "{" * count:
+            return None  # one is not an object: the general path says which
         return list(map(
-            Row, event_ids_of([message.messageId for message in messages]), events, repeat(source), created_at,
-            repeat(received_at), properties, repeat(batch_context.decode()), repeat(source_key),
+            Row, event_ids_of([message.messageId for message in messages]), events, repeat(facts.source), created_at,
+            repeat(received_at), properties, repeat(facts.batch_context), repeat(facts.source_key),
             user_ids, anonymous_ids, timestamps,
         ))
 
 
-_TZINFO: Final = attrgetter("tzinfo")
-_FIRST_CHARACTER: Final = itemgetter(0)
-
-
-def _names(events: list[str]) -> bool:
-    """Every event a name `row` takes: 1 to MAX_NAME_LENGTH characters, not white space only."""
-    return min(map(len, events)) >= 1 and max(map(len, events)) <= MAX_NAME_LENGTH and not any(map(str.isspace, events))
-
-
-def _text_ids(ids: list[str | int | None]) -> bool:
-    """Every id a text `row` keeps as it is (or absent): no number, no empty text, none too long."""
-    return (
-        set(map(type, ids)) <= _TEXT_OR_NONE
-        and "" not in ids
-        and max(map(len, filter(None, ids)), default=0) <= MAX_USER_ID_LENGTH  # type: ignore[arg-type]
-    )
-
-
-_TEXT_OR_NONE: Final = frozenset((str, type(None)))
+_FIRST_CHARACTER: Final = itemgetter(0)  # of a Raw's text, which is never empty
 
 
 def _corrected(
     timestamps: list[datetime], sent_ats: list[datetime | None], received_at: datetime, batch_sent_at: datetime | None
 ) -> list[datetime] | None:
-    """Each created_at, as `row` corrects it (timestamp + (received_at - sentAt)), when every
-    message has its sentAt or none has, and all of it lands in the range ClickHouse stores."""
+    """Each created_at, as `row` corrects it (timestamp + (received_at - sentAt), the message's
+    sentAt, else the batch's), when every message has its own sentAt or none has, and when all of
+    it lands in the range ClickHouse stores."""
     count = len(timestamps)
     try:
         earliest, latest = min(timestamps), max(timestamps)
@@ -456,8 +518,8 @@ def _corrected(
             if earliest + skew < EARLIEST or latest + skew > LATEST:
                 return None
             return list(map(add, timestamps, repeat(skew)))
-        if sent_ats.count(None) or not all(map(_TZINFO, sent_ats)):
-            return None
+        if sent_ats.count(None):
+            return None  # some with a sentAt, some without: the general path
         created_at: list[datetime] = list(map(add, timestamps, map(sub, repeat(received_at), sent_ats)))
         if min(created_at) < EARLIEST or max(created_at) > LATEST:
             return None
@@ -510,7 +572,6 @@ class SegmentEndpoint:
         self._enricher = wiring.enricher
         self._mapper = MessageMapper()
         self._envelope = msgspec.json.Decoder(Envelope)
-        self._batch = msgspec.json.Decoder(DecodedBatch)
         self._write_key = msgspec.json.Decoder(WriteKeyOnly)
         self._rows = msgspec.json.Encoder()
         self._ids = EventIds()
@@ -638,11 +699,11 @@ class SegmentEndpoint:
                     f"message larger than {self._max_message} bytes (SEGMENT_MAX_MESSAGE_BYTES)", 413
                 )
             message = mapper.decode(body, "$")
-            return [mapper.row(
-                message, kind, "$", received_at=received_at, sent_at=None,
-                batch_context=mapper.enriched(None, request_context),
-                request_context=request_context, source=source, source_key=source_key,
-            )]
+            facts = RequestFacts(
+                received_at, source, source_key, request_context,
+                batch_context=mapper.enriched(None, request_context).decode(),
+            )
+            return [mapper.row(message, kind, "$", facts)]
         if len(body) > self._max_batch:
             raise Invalid(f"batch larger than {self._max_batch} bytes (SEGMENT_MAX_BATCH_BYTES)", 413)
         try:
@@ -654,42 +715,14 @@ class SegmentEndpoint:
                 f"{len(envelope.batch)} messages in one request; the limit is {self._max_events} (MAX_BATCH_EVENTS)",
                 413,
             )
-        sent_at = _aware(envelope.sentAt) if envelope.sentAt is not None else None
-        batch_context = mapper.enriched(_object(envelope.context, "$", "context"), request_context)
-        messages = self._decoded(body, envelope.batch)
-        if messages is not None:
-            common = mapper.common_rows(
-                messages, received_at=received_at, sent_at=sent_at, batch_context=batch_context, source=source,
-                source_key=source_key,
-            )
-            if common is not None:
-                return common
-        # The general path: message by message, in order, so the first bad one is the one named.
-        rows = []
-        for index, raw in enumerate(envelope.batch):
-            path = f"$.batch[{index}]"
-            if len(raw) > self._max_message:
-                raise Invalid(
-                    f"message larger than {self._max_message} bytes (SEGMENT_MAX_MESSAGE_BYTES) - at `{path}`", 413
-                )
-            message = messages[index] if messages is not None else mapper.decode(raw, path)
-            if message.type is None:
-                raise Invalid(f"Object missing required field `type` - at `{path}`")
-            rows.append(mapper.row(
-                message, message.type, path, received_at=received_at, sent_at=sent_at, batch_context=batch_context,
-                request_context=request_context, source=source, source_key=source_key,
-            ))
-        return rows
-
-    def _decoded(self, body: bytes, raw_messages: list[Raw]) -> list[Message] | None:
-        """Every message of the batch, decoded in one call; None when one is over
-        SEGMENT_MAX_MESSAGE_BYTES or fails to decode (the general path names it)."""
-        if raw_messages and max(map(len, raw_messages)) > self._max_message:
-            return None
-        try:
-            return self._batch.decode(body).batch
-        except msgspec.DecodeError:
-            return None
+        facts = RequestFacts(
+            received_at, source, source_key, request_context,
+            sent_at=_aware(envelope.sentAt) if envelope.sentAt is not None else None,
+            batch_context=_text(
+                mapper.enriched(_object(envelope.context, "$", "context"), request_context), "$", "context"
+            ),
+        )
+        return mapper.batch_rows(body, envelope.batch, self._max_message, facts)
 
     async def _confirmed(self, confirmation: asyncio.Future[int]) -> web.Response:
         done, _ = await asyncio.wait(

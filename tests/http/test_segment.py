@@ -1,4 +1,5 @@
-"""The Segment-compatible /v1 API on the real application: mapping, keys, limits, all or nothing."""
+"""The Segment-compatible /v1 API on the real application: mapping, keys, limits, all or nothing;
+and its two mapping paths held to the same rows."""
 
 from __future__ import annotations
 
@@ -12,7 +13,16 @@ from typing import Any
 import msgspec
 import pytest
 
-from clickpulse.http.segment import MESSAGE_ID_NAMESPACE, event_id_of
+from clickpulse.http.segment import (
+    MESSAGE_ID_NAMESPACE,
+    CommonMessage,
+    Envelope,
+    Message,
+    MessageMapper,
+    RequestFacts,
+    event_id_of,
+    event_ids_of,
+)
 from tests.http.conftest import App, MakeApp, encode, json_error
 
 SERVER_SECRET = "sk_live_0123456789abcdef"
@@ -245,3 +255,173 @@ async def test_garbage_is_a_4xx_naming_something_never_a_500(app: App, path: str
     if response.status != 200:
         payload = await response.json()
         assert payload["success"] is False and payload["message"] == payload["error"] and payload["code"]
+
+
+async def test_invalid_utf8_inside_a_member_kept_as_text_is_a_400_naming_it(app: App) -> None:
+    # msgspec checks the UTF-8 of what it decodes, not of what it keeps as Raw text.
+    good = b'{"type":"track","event":"e","userId":"u"}'
+    for body, path in [
+        (b'{"batch":[' + good + b',{"type":"track","event":"e","userId":"u","properties":{"a":"\xff"}}]}',
+         "$.batch[1].properties"),
+        (b'{"batch":[{"type":"identify","userId":"u","traits":{"\xff":1}}]}', "$.batch[0].traits"),
+        (b'{"batch":[{"type":"track","event":"e","userId":"u","context":{"a":"\xff"}}]}', "$.batch[0].context"),
+        (b'{"batch":[' + good + b'],"context":{"a":"\xff"}}', "$.context"),
+    ]:
+        assert f"`{path}`" in await json_error(await post(app, "/v1/batch", None, raw=body), 400)
+    response = await post(app, "/v1/track", None, raw=b'{"event":"e","userId":"u","properties":{"a":"\xff"}}')
+    assert "`$.properties`" in await json_error(response, 400)
+    assert rows(app) == []
+
+
+@pytest.mark.parametrize(("batch", "path", "status"), [
+    # A bad member of an early message is named before a later message that fails to decode...
+    ([{"type": "track", "event": " ", "userId": "u"}, {"type": "track", "event": 5, "userId": "u"}],
+     "$.batch[1].event", 400),
+    # ...or is too large; and the other way round.
+    ([{"type": "track", "event": "e"}, {"type": "track", "event": "e", "userId": "u", "properties": {"x": "y" * 300}}],
+     "$.batch[1]`", 400),
+    ([{"type": "track", "event": "e", "userId": "u", "properties": {"x": "y" * 300}}, {"type": "track", "event": "e"}],
+     "$.batch[1]`", 413),
+])
+async def test_the_first_bad_message_is_the_one_named(
+    make_app: MakeApp, batch: list[dict[str, object]], path: str, status: int
+) -> None:
+    app = await make_app(segment_max_message_bytes=200)
+    good = {"type": "track", "event": "ok", "userId": "u", "timestamp": "2026-01-01T00:00:00Z", "properties": {}}
+    error = await json_error(await post(app, "/v1/batch", {"batch": [good, *batch]}), status)
+    assert f"`{path}" in error
+    assert rows(app) == []
+
+
+# -- the common path gives the general path's rows ----------------------------------------------------
+
+RECEIVED_AT = datetime(2026, 3, 4, 5, 6, 7, 891234, tzinfo=timezone.utc)
+SENT_AT = "2026-03-04T06:06:00.5Z"  # the sender's clock, an hour ahead
+REQUEST_CONTEXT = (b'"ip":"10.1.2.3"', b'"userAgent":"sdk/1"')
+
+
+def track(index: int, **members: object) -> dict[str, object]:
+    message: dict[str, object] = {
+        "type": "track", "event": f"Event {index}", "userId": f"user_{index}", "messageId": str(uuid.uuid4()),
+        "timestamp": f"2026-03-04T06:0{index % 10}:00.{index:03d}Z",
+        "properties": {"n": index, "nested": {"list": [1, "two", None]}, "text": "naïve \"quoted\" \u2603"},
+    }
+    message.update(members)
+    return {name: value for name, value in message.items() if value is not ...}  # `...`: leave the member out
+
+
+def facts(batch_context: str = '{"ip":"10.1.2.3","userAgent":"sdk/1"}', sent_at: str | None = SENT_AT) -> RequestFacts:
+    return RequestFacts(
+        RECEIVED_AT, "backend", "backend", REQUEST_CONTEXT,
+        sent_at=datetime.fromisoformat(sent_at) if sent_at is not None else None, batch_context=batch_context,
+    )
+
+
+def both_paths(batch: list[dict[str, object]], request: RequestFacts) -> tuple[bytes | None, bytes, bytes]:
+    """The rows of the common path (None when it does not take the batch), of the endpoint's
+    choice, and of the general path alone, message by message: each as JSONEachRow."""
+    body = encode({"batch": batch})
+    mapper = MessageMapper()
+    raw_messages = msgspec.json.decode(body, type=Envelope).batch
+    lines = msgspec.json.Encoder().encode_lines
+    common = mapper.common_rows(body, request)
+    chosen = mapper.batch_rows(body, raw_messages, 32 * 1024, request)
+    general = mapper.general_rows(raw_messages, None, 32 * 1024, request)
+    return (lines(common) if common is not None else None), lines(chosen), lines(general)
+
+
+COMMON_BATCHES: dict[str, list[dict[str, object]]] = {
+    "uuid messageIds, the batch's sentAt": [track(index) for index in range(20)],
+    "upper-case uuids": [track(index, messageId=str(uuid.uuid4()).upper()) for index in range(5)],
+    "non-uuid, near-uuid and absent messageIds": [
+        track(0, messageId="ajs-next-0123456789abcdef0123456789abcdef"), track(1, messageId=...),
+        track(2, messageId="0123456789abcdef0123456789abcdef"), track(3, messageId="0123456-89ab-cdef-0123-456789abcdef0"),
+        track(4, messageId=str(uuid.uuid4()).replace("-", "_")), track(5, messageId="é" * 36), track(6, messageId=""),
+    ],
+    "a sentAt on every message": [track(index, sentAt=f"2026-03-04T0{index}:00:00+0{index}:00") for index in range(5)],
+    "anonymous, both ids, unicode, offsets": [
+        track(0, userId=..., anonymousId="anon-0"), track(1, anonymousId="anon-1"),
+        track(2, event="Ünïcödé ☃", timestamp="2026-03-04T08:00:00.123456+02:00"),
+        track(3, properties={}, context=None), track(4, properties={"a": {"b": {"c": [[], {}]}}, "big": 12345678901234567890}),
+    ],
+}
+
+
+@pytest.mark.parametrize("name", sorted(COMMON_BATCHES))
+@pytest.mark.parametrize("request_facts", [facts(), facts(sent_at=None), facts("{}")], ids=["sent", "unsent", "plain"])
+def test_the_common_path_takes_common_batches_and_gives_the_general_rows(name: str, request_facts: RequestFacts) -> None:
+    common, chosen, general = both_paths(COMMON_BATCHES[name], request_facts)
+    assert common is not None, "the common path declined"
+    assert common == chosen == general
+
+
+def test_the_common_path_keeps_properties_as_sent() -> None:
+    body = (b'{"batch":[{"type":"track","event":"e","userId":"u","timestamp":"2026-03-04T06:00:00Z",'
+            b'"properties":  {"a" : [1, 2],\n "b":"\\u2603"}  }]}')
+    [row] = MessageMapper().common_rows(body, facts()) or []
+    assert row.properties == '{"a" : [1, 2],\n "b":"\\u2603"}'
+
+
+OTHER_BATCHES: dict[str, list[dict[str, object]]] = {
+    "every message type": [
+        track(0), {"type": "page", "anonymousId": "a", "name": "Home", "category": "Docs", "properties": {"url": "/"}},
+        {"type": "screen", "userId": "u", "name": "Settings"}, {"type": "identify", "userId": "u", "traits": {"plan": 2}},
+        {"type": "group", "userId": "u", "groupId": 7, "traits": {"size": 5}}, {"type": "alias", "userId": 3, "previousId": "a"},
+    ],
+    "integer messageIds and userIds": [track(0, messageId=12345), track(1, userId=42), track(2)],
+    "a context of their own": [
+        track(0, context={"library": {"name": "analytics-python"}}), track(1, context={"ip": "1.1.1.1"}),
+        track(2, context={"userAgent": "own/1", "ip": "2.2.2.2"}), track(3),
+    ],
+    "no timestamp, one without a zone": [track(0, timestamp=...), track(1, timestamp="2026-03-04T06:00:00"), track(2)],
+    "a sentAt on some": [track(0, sentAt="2026-03-04T06:00:00Z"), track(1)],
+    "a sentAt without a zone": [track(0, sentAt="2026-03-04T06:00:00"), track(1, sentAt="2026-03-04T06:00:00Z")],
+    "no properties, null properties": [track(0, properties=...), track(1, properties=None), track(2)],
+    "an empty userId beside an anonymousId": [track(0, userId="", anonymousId="a"), track(1)],
+    "the same text as both ids": [track(0, userId="same", anonymousId="same")],
+}
+
+
+@pytest.mark.parametrize("name", sorted(OTHER_BATCHES))
+@pytest.mark.parametrize("request_facts", [facts(), facts(sent_at=None)], ids=["sent", "unsent"])
+def test_other_batches_take_the_general_path(name: str, request_facts: RequestFacts) -> None:
+    common, chosen, general = both_paths(OTHER_BATCHES[name], request_facts)
+    assert chosen == general
+    if name != "the same text as both ids":  # which path takes that one is msgspec's business
+        assert common is None, "the common path took an uncommon batch"
+
+
+@pytest.mark.parametrize("message", [
+    {"event": " "}, {"event": ""}, {"event": "e" * 257}, {"userId": ...}, {"userId": "u" * 257},
+    {"timestamp": "1960-01-01T00:00:00Z"}, {"timestamp": "2106-01-01T00:00:00Z"},
+    {"timestamp": "1970-01-02T00:30:00Z"}, {"properties": [1]},
+    {"properties": "x"}, {"sentAt": "0001-01-02T00:00:00Z", "timestamp": "9999-12-31T23:59:59Z"}, {"type": "bogus"},
+])
+def test_the_common_path_declines_a_batch_the_general_path_refuses(message: dict[str, object]) -> None:
+    batch = [track(0), track(1, **message)]
+    body = encode({"batch": batch})
+    assert MessageMapper().common_rows(body, facts()) is None
+    with pytest.raises(Exception, match=r"\$\.batch\[1\]"):
+        both_paths(batch, facts())
+
+
+def test_event_ids_of_is_event_id_of_each() -> None:
+    uuids = [str(uuid.uuid4()) for _ in range(50)]
+    cases = [
+        uuids, [text.upper() for text in uuids], [], [uuids[0]], [None, uuids[0]], [1, uuids[0]],
+        uuids[:3] + ["not-a-uuid"], [uuids[0][:35], uuids[1] + "0"], [uuids[0][:35] + "\n", uuids[1]],
+        [uuids[0].replace("-", "0", 1), uuids[1][:8] + "-" + uuids[1][9:]], [uuids[0][:-1] + "g"],
+        ["0123456789abcdef0123456789abcdef"], [uuids[0][:8] + "\n" + uuids[0][9:]], ["-" * 36], ["\n" * 36],
+    ]
+    for ids in cases:
+        assert event_ids_of(list(ids)) == [event_id_of(message_id) or "" for message_id in ids], ids
+
+
+def test_uuid5_event_ids_are_python_uuid5() -> None:
+    for name in ["ajs-next-0123456789abcdef", "", "é☃", "x" * 1000, "12345", str(uuid.uuid4()).upper()[:35]]:
+        assert event_id_of(name) == str(uuid.uuid5(MESSAGE_ID_NAMESPACE, name))
+
+
+def test_a_common_message_has_the_members_of_a_message() -> None:
+    # Each the same type or a narrower one: a message the common path takes, the general path takes alike.
+    assert set(CommonMessage.__struct_fields__) == set(Message.__struct_fields__)
