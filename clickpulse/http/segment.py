@@ -20,9 +20,12 @@ message's bytes, to hold it to SEGMENT_MAX_MESSAGE_BYTES). Then two paths give i
 rows (tests/http/test_segment.py holds them to it):
 
 - the common path (`MessageMapper.common_rows`) decodes the body again in one call, as
-  CommonMessages: track messages with a timestamp, an object of properties and no context of
-  their own, which msgspec checks in C as it decodes; then it maps one member at a time over the
-  whole batch, each a C loop, at a fraction of a microsecond per message;
+  CommonMessages (track messages with a timestamp and an object of properties, what the SDKs
+  send), whose narrower types msgspec checks in C as it decodes; then it maps one member at a
+  time over the whole batch, each a C loop, at a fraction of a microsecond per message. It
+  takes a batch whose messages are alike where the general path would treat them differently:
+  a sentAt on all of them or on none, a context of their own on all of them (each with or each
+  without `ip`, and `userAgent`) or on none;
 - the general path (`MessageMapper.general_rows`) maps any other batch message by message, in
   order (its messages decoded in one call too, as Messages, when they all decode), and alone
   decides every error: a batch the common path declines for a bad message is refused naming the
@@ -35,7 +38,7 @@ import asyncio
 import hashlib
 import re
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from itertools import repeat
@@ -118,7 +121,7 @@ class CommonMessage(Struct, kw_only=True, gc=False):
     sentAt: AwareDatetime | None = None
     properties: Raw  # its own object, checked in `common_rows`
     traits: Raw = Raw()
-    context: None = None  # its own context, enriched message by message: the general path
+    context: Raw = Raw()  # its own: all of them objects, or none has one (checked in `common_rows`)
     name: str | None = None
     category: str | None = None
     previousId: str | int | None = None
@@ -304,6 +307,7 @@ class MessageMapper:
         self._batch = msgspec.json.Decoder(DecodedBatch)
         self._common = msgspec.json.Decoder(CommonBatch)
         self._present = msgspec.json.Decoder(_Present)
+        self._presents = msgspec.json.Decoder(list[_Present])
         self._encode = msgspec.json.encode
 
     def decode(self, data: bytes, path: str) -> Message:
@@ -458,10 +462,10 @@ class MessageMapper:
             return None
 
     def common_rows(self, body: bytes, facts: RequestFacts) -> list[Row] | None:
-        """The rows `row` gives the messages of a batch body of the common shape (CommonMessage,
-        and a sentAt on all of them or on none), each member mapped over the whole batch at once
-        in a C loop; None for any other batch, and for one that fails a check, whose errors the
-        general path then names."""
+        """The rows `row` gives the messages of a batch body of the common shape (CommonMessages,
+        alike in their sentAt and their context: see the module's doc), each member mapped over
+        the whole batch at once in a C loop; None for any other batch, and for one that fails a
+        check, whose errors the general path then names."""
         try:
             messages = self._common.decode(body).batch
         except msgspec.DecodeError:
@@ -482,21 +486,68 @@ class MessageMapper:
         created_at = _corrected(timestamps, [message.sentAt for message in messages], received_at, facts.sent_at)
         if created_at is None:
             return None
-        # Raw bytes are JSON, which holds no NUL byte anywhere: a separator that cannot be inside one.
-        try:
-            properties = str(b"\0".join([message.properties for message in messages]), "utf-8").split("\0")
-        except UnicodeDecodeError:
-            return None  # msgspec does not check the text inside a Raw: the general path names it
-        if "".join(map(_FIRST_CHARACTER, properties)) != "{" * count:
-            return None  # one is not an object: the general path says which
+        properties = _object_texts([message.properties for message in messages])
+        if properties is None:
+            return None
+        own_contexts = [message.context for message in messages]
+        contexts: Iterable[str] | None
+        if any(own_contexts):
+            contexts = self._enriched_contexts(own_contexts, facts.request_context)
+            if contexts is None:
+                return None
+        else:
+            contexts = repeat(facts.batch_context)
         return list(map(
             Row, event_ids_of([message.messageId for message in messages]), events, repeat(facts.source), created_at,
-            repeat(received_at), properties, repeat(facts.batch_context), repeat(facts.source_key),
-            user_ids, anonymous_ids, timestamps,
+            repeat(received_at), properties, contexts, repeat(facts.source_key), user_ids, anonymous_ids, timestamps,
         ))
 
+    def _enriched_contexts(self, own_contexts: list[Raw], request_context: tuple[bytes, bytes]) -> list[str] | None:
+        """What `enriched` makes of each message's own context, when every one is an object and
+        the request's members go into all of them alike (SDKs send contexts of one shape: a
+        server SDK's without `ip` and `userAgent`, analytics.js's with its `userAgent`)."""
+        texts = _object_texts(own_contexts)
+        if texts is None:
+            return None
+        ip_member, agent_member = request_context
+        if not ip_member and not agent_member:
+            return texts
+        # Which members each already has, decoded for all of them in one call.
+        present = self._presents.decode(b"[" + b",".join(own_contexts) + b"]")
+        members = []
+        for member, have in ((ip_member, [context.ip for context in present]),
+                             (agent_member, [context.userAgent for context in present])):
+            if not member or all(have):
+                continue
+            if any(have):
+                return None  # in some of them, not in others: the general path
+            members.append(member)
+        if not members:
+            return texts
+        # `_with_members` on each: after the `{` of each text the members, then a comma, unless
+        # the object is empty or has white space there (the general path does those).
+        if any(character in "".join(map(_SECOND_CHARACTER, texts)) for character in "} \t\n\r"):
+            return None
+        head = "{" + b",".join(members).decode() + ","
+        return list(map(add, repeat(head), map(_AFTER_FIRST_CHARACTER, texts)))
 
-_FIRST_CHARACTER: Final = itemgetter(0)  # of a Raw's text, which is never empty
+
+_FIRST_CHARACTER: Final = itemgetter(0)
+_SECOND_CHARACTER: Final = itemgetter(1)  # of an object's text, which is at least `{}`
+_AFTER_FIRST_CHARACTER: Final = itemgetter(slice(1, None))
+
+
+def _object_texts(raws: list[Raw]) -> list[str] | None:
+    """The text of each, when each is a JSON object in valid UTF-8; else None (the general path
+    names the culprit, or takes an absent or null one for `{}`)."""
+    try:
+        # Raw bytes are JSON, which holds no NUL byte anywhere: a separator none of them contains.
+        texts = str(b"\0".join(raws), "utf-8").split("\0")
+        return texts if "".join(map(_FIRST_CHARACTER, texts)) == "{" * len(raws) else None
+    except UnicodeDecodeError:  # msgspec does not check the text inside a Raw
+        return None
+    except IndexError:  # an absent one, whose text is empty
+        return None
 
 
 def _corrected(

@@ -310,9 +310,12 @@ def track(index: int, **members: object) -> dict[str, object]:
     return {name: value for name, value in message.items() if value is not ...}  # `...`: leave the member out
 
 
-def facts(batch_context: str = '{"ip":"10.1.2.3","userAgent":"sdk/1"}', sent_at: str | None = SENT_AT) -> RequestFacts:
+def facts(
+    batch_context: str = '{"ip":"10.1.2.3","userAgent":"sdk/1"}', sent_at: str | None = SENT_AT,
+    request_context: tuple[bytes, bytes] = REQUEST_CONTEXT,
+) -> RequestFacts:
     return RequestFacts(
-        RECEIVED_AT, "backend", "backend", REQUEST_CONTEXT,
+        RECEIVED_AT, "backend", "backend", request_context,
         sent_at=datetime.fromisoformat(sent_at) if sent_at is not None else None, batch_context=batch_context,
     )
 
@@ -342,17 +345,44 @@ COMMON_BATCHES: dict[str, list[dict[str, object]]] = {
     "anonymous, both ids, unicode, offsets": [
         track(0, userId=..., anonymousId="anon-0"), track(1, anonymousId="anon-1"),
         track(2, event="Ünïcödé ☃", timestamp="2026-03-04T08:00:00.123456+02:00"),
-        track(3, properties={}, context=None), track(4, properties={"a": {"b": {"c": [[], {}]}}, "big": 12345678901234567890}),
+        track(3, properties={}), track(4, properties={"a": {"b": {"c": [[], {}]}}, "big": 12345678901234567890}),
+    ],
+    "a server SDK's context on each": [
+        track(index, anonymousId=None, integrations={}, context={"library": {"name": "analytics-python", "version": "2"}})
+        for index in range(5)
+    ],
+    "analytics.js's context on each, its userAgent in it": [
+        track(index, messageId=f"ajs-next-{index:032x}", anonymousId=f"anon-{index}", sentAt="2026-03-04T06:06:00Z",
+              context={"userAgent": "Mozilla/5.0 \"quoted\"", "page": {"path": "/", "title": "Ünï ☃"}, "locale": "en"})
+        for index in range(5)
+    ],
+    "contexts with their own ip and userAgent": [
+        track(index, context={"ip": None, "userAgent": f"own/{index}", "n": index}) for index in range(3)
     ],
 }
 
 
 @pytest.mark.parametrize("name", sorted(COMMON_BATCHES))
-@pytest.mark.parametrize("request_facts", [facts(), facts(sent_at=None), facts("{}")], ids=["sent", "unsent", "plain"])
+@pytest.mark.parametrize("request_facts", [
+    facts(), facts(sent_at=None), facts('{"userAgent":"sdk/1"}', request_context=(b"", REQUEST_CONTEXT[1])),
+    facts("{}", request_context=(b"", b"")),
+], ids=["sent", "unsent", "no-ip", "nothing-to-add"])
 def test_the_common_path_takes_common_batches_and_gives_the_general_rows(name: str, request_facts: RequestFacts) -> None:
     common, chosen, general = both_paths(COMMON_BATCHES[name], request_facts)
     assert common is not None, "the common path declined"
     assert common == chosen == general
+
+
+@pytest.mark.parametrize("context", [b'{ "locale": "en"}', b'{\n"locale":"en"}', b'{"locale" :\t"en" }', b"{ }"])
+@pytest.mark.parametrize("request_facts", [facts(), facts("{}", request_context=(b"", b""))], ids=["enriched", "plain"])
+def test_contexts_with_white_space_give_the_general_rows(context: bytes, request_facts: RequestFacts) -> None:
+    message = b'{"type":"track","event":"e","userId":"u","timestamp":"2026-03-04T06:00:00Z","properties":{},"context":'
+    body = b'{"batch":[' + message + context + b"}," + message + b'{"locale":"en"}}]}'
+    mapper = MessageMapper()
+    raw_messages = msgspec.json.decode(body, type=Envelope).batch
+    general = mapper.general_rows(raw_messages, None, 32 * 1024, request_facts)
+    assert mapper.batch_rows(body, raw_messages, 32 * 1024, request_facts) == general
+    assert general[0].context.endswith(context[1:].lstrip().decode())
 
 
 def test_the_common_path_keeps_properties_as_sent() -> None:
@@ -369,15 +399,20 @@ OTHER_BATCHES: dict[str, list[dict[str, object]]] = {
         {"type": "group", "userId": "u", "groupId": 7, "traits": {"size": 5}}, {"type": "alias", "userId": 3, "previousId": "a"},
     ],
     "integer messageIds and userIds": [track(0, messageId=12345), track(1, userId=42), track(2)],
-    "a context of their own": [
+    "contexts of their own, of every shape": [
         track(0, context={"library": {"name": "analytics-python"}}), track(1, context={"ip": "1.1.1.1"}),
-        track(2, context={"userAgent": "own/1", "ip": "2.2.2.2"}), track(3),
+        track(2, context={"userAgent": "own/1", "ip": "2.2.2.2"}), track(3), track(4, context={}),
     ],
     "no timestamp, one without a zone": [track(0, timestamp=...), track(1, timestamp="2026-03-04T06:00:00"), track(2)],
     "a sentAt on some": [track(0, sentAt="2026-03-04T06:00:00Z"), track(1)],
     "a sentAt without a zone": [track(0, sentAt="2026-03-04T06:00:00"), track(1, sentAt="2026-03-04T06:00:00Z")],
     "no properties, null properties": [track(0, properties=...), track(1, properties=None), track(2)],
     "an empty userId beside an anonymousId": [track(0, userId="", anonymousId="a"), track(1)],
+    "a null context": [track(0, context=None), track(1)],
+    "a context on some": [track(0, context={"library": {"name": "x"}}), track(1)],
+    "a userAgent in some contexts": [track(0, context={"userAgent": "own/1"}), track(1, context={"locale": "en"})],
+    "an ip in some contexts": [track(0, context={"ip": "1.1.1.1"}), track(1, context={"locale": "en"})],
+    "an empty context": [track(0, context={}), track(1, context={"locale": "en"})],
     "the same text as both ids": [track(0, userId="same", anonymousId="same")],
 }
 
