@@ -526,7 +526,8 @@ class MessageMapper:
             return texts
         # `_with_members` on each: after the `{` of each text the members, then a comma, unless
         # the object is empty or has white space there (the general path does those).
-        if any(character in "".join(map(_SECOND_CHARACTER, texts)) for character in "} \t\n\r"):
+        second_characters = "".join(map(_SECOND_CHARACTER, texts))
+        if any(character in second_characters for character in "} \t\n\r"):
             return None
         head = "{" + b",".join(members).decode() + ","
         return list(map(add, repeat(head), map(_AFTER_FIRST_CHARACTER, texts)))
@@ -541,7 +542,8 @@ def _object_texts(raws: list[Raw]) -> list[str] | None:
     """The text of each, when each is a JSON object in valid UTF-8; else None (the general path
     names the culprit, or takes an absent or null one for `{}`)."""
     try:
-        # Raw bytes are JSON, which holds no NUL byte anywhere: a separator none of them contains.
+        # Raw bytes are JSON, which holds no NUL byte anywhere: a separator none of them contains
+        # (and were one to, the texts would outnumber the raws, and the check below fail).
         texts = str(b"\0".join(raws), "utf-8").split("\0")
         return texts if "".join(map(_FIRST_CHARACTER, texts)) == "{" * len(raws) else None
     except UnicodeDecodeError:  # msgspec does not check the text inside a Raw
