@@ -15,21 +15,22 @@ Members the spec allows but the table has no home for (`integrations`, `channel`
 can fail a message. All or nothing: one bad message refuses the request, naming it
 (`$.batch[3].event`).
 
-A batch body is first decoded as an Envelope, its messages a list of `msgspec.Raw` (each
-message's bytes, to hold it to SEGMENT_MAX_MESSAGE_BYTES). Then two paths give its rows, the same
-rows (tests/http/test_segment.py holds them to it):
+Two paths give a batch's rows, the same rows (tests/http/test_segment.py holds them to it):
 
-- the common path (`MessageMapper.common_rows`) decodes the body again in one call, as
-  CommonMessages (track messages with a timestamp and an object of properties, what the SDKs
-  send), whose narrower types msgspec checks in C as it decodes; then it maps one member at a
-  time over the whole batch, each a C loop, at a fraction of a microsecond per message. It
-  takes a batch whose messages are alike where the general path would treat them differently:
-  a sentAt on all of them or on none, a context of their own on all of them (each with or each
-  without `ip`, and `userAgent`) or on none;
-- the general path (`MessageMapper.general_rows`) maps any other batch message by message, in
-  order (its messages decoded in one call too, as Messages, when they all decode), and alone
-  decides every error: a batch the common path declines for a bad message is refused naming the
-  same first bad message as if the common path did not exist.
+- the common path (`MessageMapper.common_rows`) decodes the body in one call as CommonMessages
+  (track messages with a timestamp and an object of properties, what the SDKs send), whose
+  narrower types msgspec checks in C as it decodes; then it maps one member at a time over the
+  whole batch, each a C loop, at a fraction of a microsecond per message. It takes a batch whose
+  messages are alike where the general path would treat them differently: a sentAt on all of
+  them or on none, a context of their own on all of them (each with or each without `ip`, and
+  `userAgent`) or on none. SEGMENT_MAX_MESSAGE_BYTES it holds them to from their members'
+  lengths (`_surely_fit`), measuring each message (decoding the body as an Envelope, a
+  `msgspec.Raw` a message) only when those cannot prove that none is over;
+- the general path (`MessageMapper.general_batch_rows`) decodes the body as an Envelope, then
+  maps any other batch message by message, in order (its messages decoded in one call too, as
+  Messages, when they all decode), and alone decides every error: a batch the common path
+  declines for a bad message is refused naming the same first bad message as if the common path
+  did not exist.
 """
 
 from __future__ import annotations
@@ -38,12 +39,12 @@ import asyncio
 import hashlib
 import re
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from itertools import repeat
 from operator import add, is_, itemgetter, sub
-from typing import Annotated, Final, Literal
+from typing import Annotated, Final, Literal, cast
 
 import msgspec
 from aiohttp import hdrs, web
@@ -105,6 +106,8 @@ class DecodedBatch(Struct, gc=False):
 EventName = Annotated[str, Meta(min_length=1, max_length=MAX_NAME_LENGTH)]
 TextId = Annotated[str, Meta(min_length=1, max_length=MAX_USER_ID_LENGTH)]
 AwareDatetime = Annotated[datetime, Meta(tz=True)]
+MAX_COMMON_MESSAGE_ID_LENGTH: Final = 256  # an SDK's is a UUID, or a prefix and 32 hex digits
+MessageIdText = Annotated[str, Meta(max_length=MAX_COMMON_MESSAGE_ID_LENGTH)]
 
 
 class CommonMessage(Struct, kw_only=True, gc=False):
@@ -116,7 +119,7 @@ class CommonMessage(Struct, kw_only=True, gc=False):
     event: EventName
     userId: TextId | None = None  # a number: the general path (its text is the id)
     anonymousId: TextId | None = None
-    messageId: str | None = None
+    messageId: MessageIdText | None = None  # a number, or longer (no SDK's is): the general path
     timestamp: AwareDatetime  # none, or without a zone: the general path
     sentAt: AwareDatetime | None = None
     properties: Raw  # its own object, checked in `common_rows`
@@ -130,7 +133,46 @@ class CommonMessage(Struct, kw_only=True, gc=False):
 
 
 class CommonBatch(Struct, gc=False):
+    """A batch request's outer object, its messages CommonMessages (the rest as in Envelope)."""
+
     batch: list[CommonMessage]
+    sentAt: datetime | None = None
+    context: Raw = Raw()
+    writeKey: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BatchLimits:
+    max_message_bytes: int  # SEGMENT_MAX_MESSAGE_BYTES
+    max_events: int  # MAX_BATCH_EVENTS
+
+
+@dataclass(frozen=True, slots=True)
+class CommonMembers:
+    """The members of a batch's CommonMessages, a list each, in the messages' order: what the
+    common path maps, and sums to bound the messages' sizes."""
+
+    events: list[str]
+    user_ids: list[str | None]
+    anonymous_ids: list[str | None]
+    message_ids: list[str | None]
+    timestamps: list[datetime]
+    sent_ats: list[datetime | None]
+    properties: list[Raw]
+    contexts: list[Raw]
+
+    @classmethod
+    def of(cls, messages: list[CommonMessage]) -> CommonMembers:
+        return cls(
+            [message.event for message in messages],
+            [message.userId for message in messages],
+            [message.anonymousId for message in messages],
+            [message.messageId for message in messages],
+            [message.timestamp for message in messages],
+            [message.sentAt for message in messages],
+            [message.properties for message in messages],
+            [message.context for message in messages],
+        )
 
 
 class WriteKeyOnly(Struct, gc=False):
@@ -228,7 +270,7 @@ _UUID_RUN_BYTES: Final = b"0123456789abcdef-\n"
 _UUID_HYPHEN_COLUMNS: Final = (8, 13, 18, 23)
 
 
-def event_ids_of(message_ids: list[str | int | None]) -> list[str]:
+def event_ids_of(message_ids: Sequence[str | int | None]) -> list[str]:
     """`event_id_of` of each messageId ("" for an absent one). The common batch, all UUID texts,
     is checked in a few passes over the ids joined into one text, not an expression match each."""
     count = len(message_ids)
@@ -247,7 +289,7 @@ def event_ids_of(message_ids: list[str | int | None]) -> list[str]:
     ):
         # Hex digits only, but for 4 hyphens in each UUID and a newline between two, each where it
         # belongs. Lowercase already (what uuid4() gives): the very texts, not copies.
-        return message_ids if lowered == joined else lowered.decode().split("\n")  # type: ignore[return-value]
+        return list(cast("Sequence[str]", message_ids)) if lowered == joined else lowered.decode().split("\n")
     return [event_id_of(message_id) or "" for message_id in message_ids]
 
 
@@ -306,6 +348,7 @@ class MessageMapper:
         self._one = msgspec.json.Decoder(Message)
         self._batch = msgspec.json.Decoder(DecodedBatch)
         self._common = msgspec.json.Decoder(CommonBatch)
+        self._envelope = msgspec.json.Decoder(Envelope)
         self._present = msgspec.json.Decoder(_Present)
         self._presents = msgspec.json.Decoder(list[_Present])
         self._encode = msgspec.json.encode
@@ -424,16 +467,48 @@ class MessageMapper:
             original_timestamp=timestamp,
         )
 
-    def batch_rows(self, body: bytes, raw_messages: list[Raw], max_message_bytes: int, facts: RequestFacts) -> list[Row]:
-        """The rows of a batch body whose messages are `raw_messages` (its Envelope's): the
-        common path's when it takes the batch, else the general path's."""
-        messages = None
-        if not raw_messages or max(map(len, raw_messages)) <= max_message_bytes:
-            common = self.common_rows(body, facts)
-            if common is not None:
-                return common
-            messages = self.decode_batch(body)
-        return self.general_rows(raw_messages, messages, max_message_bytes, facts)
+    def batch_rows(self, body: bytes, limits: BatchLimits, request: RequestFacts) -> list[Row]:
+        """The rows of a batch body: the common path's when it takes the batch, else the
+        general path's (`general_batch_rows`), which decides every error."""
+        common = self.decode_common(body)
+        if common is not None and len(common.batch) <= limits.max_events:
+            members = CommonMembers.of(common.batch)
+            if _surely_fit(len(body), members, limits.max_message_bytes) or self._all_fit(body, limits.max_message_bytes):
+                rows = self.common_rows(members, self.batch_facts(request, common.sentAt, common.context))
+                if rows is not None:
+                    return rows
+        return self.general_batch_rows(body, limits, request)
+
+    def general_batch_rows(self, body: bytes, limits: BatchLimits, request: RequestFacts) -> list[Row]:
+        """The rows of a batch body, message by message; Invalid for the first thing wrong."""
+        try:
+            envelope = self._envelope.decode(body)
+        except msgspec.DecodeError as error:
+            raise Invalid(str(error)) from None
+        raw_messages = envelope.batch
+        if len(raw_messages) > limits.max_events:
+            raise Invalid(
+                f"{len(raw_messages)} messages in one request; the limit is {limits.max_events} (MAX_BATCH_EVENTS)", 413
+            )
+        facts = self.batch_facts(request, envelope.sentAt, envelope.context)
+        fit = not raw_messages or max(map(len, raw_messages)) <= limits.max_message_bytes
+        return self.general_rows(raw_messages, self.decode_batch(body) if fit else None, limits.max_message_bytes, facts)
+
+    def batch_facts(self, request: RequestFacts, sent_at: datetime | None, context: Raw) -> RequestFacts:
+        """`request` with the batch's sentAt and its context, enriched once for all its messages."""
+        return replace(
+            request,
+            sent_at=_aware(sent_at) if sent_at is not None else None,
+            batch_context=_text(self.enriched(_object(context, "$", "context"), request.request_context), "$", "context"),
+        )
+
+    def _all_fit(self, body: bytes, max_message_bytes: int) -> bool:
+        """Whether every message of the body is at most max_message_bytes, each measured."""
+        try:
+            raw_messages = self._envelope.decode(body).batch
+        except msgspec.DecodeError:
+            return False  # the general path says why
+        return not raw_messages or max(map(len, raw_messages)) <= max_message_bytes
 
     def general_rows(
         self, raw_messages: list[Raw], messages: list[Message] | None, max_message_bytes: int, facts: RequestFacts
@@ -461,45 +536,42 @@ class MessageMapper:
         except msgspec.DecodeError:
             return None
 
-    def common_rows(self, body: bytes, facts: RequestFacts) -> list[Row] | None:
-        """The rows `row` gives the messages of a batch body of the common shape (CommonMessages,
-        alike in their sentAt and their context: see the module's doc), each member mapped over
-        the whole batch at once in a C loop; None for any other batch, and for one that fails a
-        check, whose errors the general path then names."""
+    def decode_common(self, body: bytes) -> CommonBatch | None:
+        """The batch body decoded in one call when all its messages are CommonMessages; else None."""
         try:
-            messages = self._common.decode(body).batch
+            return self._common.decode(body)
         except msgspec.DecodeError:
             return None
-        count = len(messages)
-        if not count:
+
+    def common_rows(self, members: CommonMembers, facts: RequestFacts) -> list[Row] | None:
+        """The rows `row` gives a batch's CommonMessages when they are alike in their sentAt and
+        their context (see the module's doc), each member mapped over the whole batch at once in
+        a C loop; None for any other batch, and for one that fails a check, whose errors the
+        general path then names."""
+        if not members.events:
             return []
-        events = [message.event for message in messages]
-        if any(map(str.isspace, events)):
+        if any(map(str.isspace, members.events)):
             return None
-        user_ids = [message.userId for message in messages]
-        anonymous_ids = [message.anonymousId for message in messages]
         # True where both are None: neither id (or both the very same text: the general path too).
-        if any(map(is_, user_ids, anonymous_ids)):
+        if any(map(is_, members.user_ids, members.anonymous_ids)):
             return None
-        timestamps = [message.timestamp for message in messages]
         received_at = facts.received_at
-        created_at = _corrected(timestamps, [message.sentAt for message in messages], received_at, facts.sent_at)
+        created_at = _corrected(members.timestamps, members.sent_ats, received_at, facts.sent_at)
         if created_at is None:
             return None
-        properties = _object_texts([message.properties for message in messages])
+        properties = _object_texts(members.properties)
         if properties is None:
             return None
-        own_contexts = [message.context for message in messages]
         contexts: Iterable[str] | None
-        if any(own_contexts):
-            contexts = self._enriched_contexts(own_contexts, facts.request_context)
+        if any(members.contexts):
+            contexts = self._enriched_contexts(members.contexts, facts.request_context)
             if contexts is None:
                 return None
         else:
             contexts = repeat(facts.batch_context)
         return list(map(
-            Row, event_ids_of([message.messageId for message in messages]), events, repeat(facts.source), created_at,
-            repeat(received_at), properties, contexts, repeat(facts.source_key), user_ids, anonymous_ids, timestamps,
+            Row, event_ids_of(members.message_ids), members.events, repeat(facts.source), created_at, repeat(received_at),
+            properties, contexts, repeat(facts.source_key), members.user_ids, members.anonymous_ids, members.timestamps,
         ))
 
     def _enriched_contexts(self, own_contexts: list[Raw], request_context: tuple[bytes, bytes]) -> list[str] | None:
@@ -550,6 +622,46 @@ def _object_texts(raws: list[Raw]) -> list[str] | None:
         return None
     except IndexError:  # an absent one, whose text is empty
         return None
+
+
+# What a CommonMessage's JSON holds at the least (its members may come in any order, with white
+# space, escapes and ignored members between and in them: only ever more): the braces, its four
+# required members and the commas between them, a datetime being at least 20 characters...
+_LEAST_MESSAGE: Final = len('{"type":"track","event":"","timestamp":"1970-01-01T00:00:00Z","properties":}')
+# ...and for each of these members it has, a comma, its key, and the quotes of a text.
+_LEAST_USER_ID: Final = len(',"userId":""')
+_LEAST_ANONYMOUS_ID: Final = len(',"anonymousId":""')
+_LEAST_MESSAGE_ID: Final = len(',"messageId":""')
+_LEAST_CONTEXT: Final = len(',"context":')
+_LEAST_SENT_AT: Final = len(',"sentAt":"1970-01-01T00:00:00Z"')
+
+
+def _surely_fit(body_length: int, members: CommonMembers, max_message_bytes: int) -> bool:
+    """Whether no message of the body can be longer than max_message_bytes, from the members
+    alone: measuring each message would cost another decoding of the whole body and an object
+    a message. No message is longer than the body less what all the others hold at the least
+    (what their members take, a text at least a byte a character), and none holds at the least
+    more than the longest of each member put together. False also when one only could be
+    longer: then each is measured."""
+    least = len(members.events) * _LEAST_MESSAGE + sum(map(len, members.properties)) + sum(map(len, members.events))
+    longest = _LEAST_MESSAGE + max(map(len, members.properties), default=0) + MAX_NAME_LENGTH
+    for texts, least_member, longest_text in (
+        (members.user_ids, _LEAST_USER_ID, MAX_USER_ID_LENGTH),
+        (members.anonymous_ids, _LEAST_ANONYMOUS_ID, MAX_USER_ID_LENGTH),
+        (members.message_ids, _LEAST_MESSAGE_ID, MAX_COMMON_MESSAGE_ID_LENGTH),
+    ):
+        present = list(filter(None, texts))  # an empty messageId counts as absent: still at the least
+        least += len(present) * least_member + sum(map(len, present))
+        longest += least_member + longest_text
+    contexts = list(filter(None, members.contexts))
+    if contexts:
+        least += len(contexts) * _LEAST_CONTEXT + sum(map(len, contexts))
+        longest += _LEAST_CONTEXT + max(map(len, contexts))
+    with_sent_at = len(members.sent_ats) - members.sent_ats.count(None)
+    if with_sent_at:
+        least += with_sent_at * _LEAST_SENT_AT
+        longest += _LEAST_SENT_AT
+    return body_length - least + longest <= max_message_bytes
 
 
 def _corrected(
@@ -614,7 +726,7 @@ class SegmentEndpoint:
         self._intake = wiring.intake
         self._max_message = max_message_bytes
         self._max_batch = max_batch_bytes
-        self._max_events = wiring.max_batch_events
+        self._limits = BatchLimits(max_message_bytes, wiring.max_batch_events)
         self._ack_mode = wiring.ack_mode
         self._ack_timeout = wiring.ack_timeout
         self._draining = wiring.draining
@@ -624,7 +736,6 @@ class SegmentEndpoint:
         self._edge = wiring.edge
         self._enricher = wiring.enricher
         self._mapper = MessageMapper()
-        self._envelope = msgspec.json.Decoder(Envelope)
         self._write_key = msgspec.json.Decoder(WriteKeyOnly)
         self._rows = msgspec.json.Encoder()
         self._ids = EventIds()
@@ -759,23 +870,7 @@ class SegmentEndpoint:
             return [mapper.row(message, kind, "$", facts)]
         if len(body) > self._max_batch:
             raise Invalid(f"batch larger than {self._max_batch} bytes (SEGMENT_MAX_BATCH_BYTES)", 413)
-        try:
-            envelope = self._envelope.decode(body)
-        except msgspec.DecodeError as error:
-            raise Invalid(str(error)) from None
-        if len(envelope.batch) > self._max_events:
-            raise Invalid(
-                f"{len(envelope.batch)} messages in one request; the limit is {self._max_events} (MAX_BATCH_EVENTS)",
-                413,
-            )
-        facts = RequestFacts(
-            received_at, source, source_key, request_context,
-            sent_at=_aware(envelope.sentAt) if envelope.sentAt is not None else None,
-            batch_context=_text(
-                mapper.enriched(_object(envelope.context, "$", "context"), request_context), "$", "context"
-            ),
-        )
-        return mapper.batch_rows(body, envelope.batch, self._max_message, facts)
+        return mapper.batch_rows(body, self._limits, RequestFacts(received_at, source, source_key, request_context))
 
     async def _confirmed(self, confirmation: asyncio.Future[int]) -> web.Response:
         done, _ = await asyncio.wait(

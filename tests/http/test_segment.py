@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import base64
 import gzip
+import random
 import uuid
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -13,13 +15,18 @@ from typing import Any
 import msgspec
 import pytest
 
+from clickpulse.events import MAX_NAME_LENGTH, MAX_USER_ID_LENGTH
 from clickpulse.http.segment import (
     MESSAGE_ID_NAMESPACE,
+    BatchLimits,
+    CommonMembers,
     CommonMessage,
     Envelope,
+    Invalid,
     Message,
     MessageMapper,
     RequestFacts,
+    Row,
     event_id_of,
     event_ids_of,
 )
@@ -298,6 +305,7 @@ async def test_the_first_bad_message_is_the_one_named(
 RECEIVED_AT = datetime(2026, 3, 4, 5, 6, 7, 891234, tzinfo=timezone.utc)
 SENT_AT = "2026-03-04T06:06:00.5Z"  # the sender's clock, an hour ahead
 REQUEST_CONTEXT = (b'"ip":"10.1.2.3"', b'"userAgent":"sdk/1"')
+LIMITS = BatchLimits(max_message_bytes=32 * 1024, max_events=10_000)
 
 
 def track(index: int, **members: object) -> dict[str, object]:
@@ -310,31 +318,42 @@ def track(index: int, **members: object) -> dict[str, object]:
     return {name: value for name, value in message.items() if value is not ...}  # `...`: leave the member out
 
 
-def facts(
-    batch_context: str = '{"ip":"10.1.2.3","userAgent":"sdk/1"}', sent_at: str | None = SENT_AT,
-    request_context: tuple[bytes, bytes] = REQUEST_CONTEXT,
-) -> RequestFacts:
-    return RequestFacts(
-        RECEIVED_AT, "backend", "backend", request_context,
-        sent_at=datetime.fromisoformat(sent_at) if sent_at is not None else None, batch_context=batch_context,
-    )
+def request_facts(request_context: tuple[bytes, bytes] = REQUEST_CONTEXT) -> RequestFacts:
+    return RequestFacts(RECEIVED_AT, "backend", "backend", request_context)
 
 
-def both_paths(batch: list[dict[str, object]], request: RequestFacts) -> tuple[bytes | None, bytes, bytes]:
+# What the request brings beside its messages: the batch's sentAt and context, the ip and userAgent.
+SENDERS = {
+    "sent": ({"sentAt": SENT_AT}, REQUEST_CONTEXT),
+    "unsent": ({}, REQUEST_CONTEXT),
+    "batch-context": ({"sentAt": SENT_AT, "context": {"library": {"name": "batch"}}}, REQUEST_CONTEXT),
+    "no-ip": ({"sentAt": SENT_AT}, (b"", REQUEST_CONTEXT[1])),
+    "nothing-to-add": ({"sentAt": SENT_AT}, (b"", b"")),
+}
+
+
+def both_paths(body: bytes, request: RequestFacts, limits: BatchLimits = LIMITS) -> tuple[bytes | None, bytes, bytes]:
     """The rows of the common path (None when it does not take the batch), of the endpoint's
     choice, and of the general path alone, message by message: each as JSONEachRow."""
-    body = encode({"batch": batch})
     mapper = MessageMapper()
-    raw_messages = msgspec.json.decode(body, type=Envelope).batch
     lines = msgspec.json.Encoder().encode_lines
-    common = mapper.common_rows(body, request)
-    chosen = mapper.batch_rows(body, raw_messages, 32 * 1024, request)
-    general = mapper.general_rows(raw_messages, None, 32 * 1024, request)
+    common_batch = mapper.decode_common(body)
+    common = None
+    if common_batch is not None:
+        facts = mapper.batch_facts(request, common_batch.sentAt, common_batch.context)
+        common = mapper.common_rows(CommonMembers.of(common_batch.batch), facts)
+    chosen = mapper.batch_rows(body, limits, request)
+    general = mapper.general_batch_rows(body, limits, request)
     return (lines(common) if common is not None else None), lines(chosen), lines(general)
 
 
+def batch_body(batch: list[dict[str, object]], sender: str) -> tuple[bytes, RequestFacts]:
+    envelope, request_context = SENDERS[sender]
+    return encode({"batch": batch, **envelope}), request_facts(request_context)
+
+
 COMMON_BATCHES: dict[str, list[dict[str, object]]] = {
-    "uuid messageIds, the batch's sentAt": [track(index) for index in range(20)],
+    "uuid messageIds": [track(index) for index in range(20)],
     "upper-case uuids": [track(index, messageId=str(uuid.uuid4()).upper()) for index in range(5)],
     "non-uuid, near-uuid and absent messageIds": [
         track(0, messageId="ajs-next-0123456789abcdef0123456789abcdef"), track(1, messageId=...),
@@ -363,32 +382,27 @@ COMMON_BATCHES: dict[str, list[dict[str, object]]] = {
 
 
 @pytest.mark.parametrize("name", sorted(COMMON_BATCHES))
-@pytest.mark.parametrize("request_facts", [
-    facts(), facts(sent_at=None), facts('{"userAgent":"sdk/1"}', request_context=(b"", REQUEST_CONTEXT[1])),
-    facts("{}", request_context=(b"", b"")),
-], ids=["sent", "unsent", "no-ip", "nothing-to-add"])
-def test_the_common_path_takes_common_batches_and_gives_the_general_rows(name: str, request_facts: RequestFacts) -> None:
-    common, chosen, general = both_paths(COMMON_BATCHES[name], request_facts)
+@pytest.mark.parametrize("sender", sorted(SENDERS))
+def test_the_common_path_takes_common_batches_and_gives_the_general_rows(name: str, sender: str) -> None:
+    common, chosen, general = both_paths(*batch_body(COMMON_BATCHES[name], sender))
     assert common is not None, "the common path declined"
     assert common == chosen == general
 
 
 @pytest.mark.parametrize("context", [b'{ "locale": "en"}', b'{\n"locale":"en"}', b'{"locale" :\t"en" }', b"{ }"])
-@pytest.mark.parametrize("request_facts", [facts(), facts("{}", request_context=(b"", b""))], ids=["enriched", "plain"])
-def test_contexts_with_white_space_give_the_general_rows(context: bytes, request_facts: RequestFacts) -> None:
+@pytest.mark.parametrize("request_context", [REQUEST_CONTEXT, (b"", b"")], ids=["enriched", "plain"])
+def test_contexts_with_white_space_give_the_general_rows(context: bytes, request_context: tuple[bytes, bytes]) -> None:
     message = b'{"type":"track","event":"e","userId":"u","timestamp":"2026-03-04T06:00:00Z","properties":{},"context":'
     body = b'{"batch":[' + message + context + b"}," + message + b'{"locale":"en"}}]}'
-    mapper = MessageMapper()
-    raw_messages = msgspec.json.decode(body, type=Envelope).batch
-    general = mapper.general_rows(raw_messages, None, 32 * 1024, request_facts)
-    assert mapper.batch_rows(body, raw_messages, 32 * 1024, request_facts) == general
-    assert general[0].context.endswith(context[1:].lstrip().decode())
+    _, chosen, general = both_paths(body, request_facts(request_context))
+    assert chosen == general
+    assert msgspec.json.decode(general.splitlines()[0])["context"].endswith(context[1:].lstrip().decode())
 
 
 def test_the_common_path_keeps_properties_as_sent() -> None:
     body = (b'{"batch":[{"type":"track","event":"e","userId":"u","timestamp":"2026-03-04T06:00:00Z",'
             b'"properties":  {"a" : [1, 2],\n "b":"\\u2603"}  }]}')
-    [row] = MessageMapper().common_rows(body, facts()) or []
+    [row] = MessageMapper().batch_rows(body, LIMITS, request_facts())
     assert row.properties == '{"a" : [1, 2],\n "b":"\\u2603"}'
 
 
@@ -418,9 +432,9 @@ OTHER_BATCHES: dict[str, list[dict[str, object]]] = {
 
 
 @pytest.mark.parametrize("name", sorted(OTHER_BATCHES))
-@pytest.mark.parametrize("request_facts", [facts(), facts(sent_at=None)], ids=["sent", "unsent"])
-def test_other_batches_take_the_general_path(name: str, request_facts: RequestFacts) -> None:
-    common, chosen, general = both_paths(OTHER_BATCHES[name], request_facts)
+@pytest.mark.parametrize("sender", ["sent", "unsent"])
+def test_other_batches_take_the_general_path(name: str, sender: str) -> None:
+    common, chosen, general = both_paths(*batch_body(OTHER_BATCHES[name], sender))
     assert chosen == general
     if name != "the same text as both ids":  # which path takes that one is msgspec's business
         assert common is None, "the common path took an uncommon batch"
@@ -433,11 +447,71 @@ def test_other_batches_take_the_general_path(name: str, request_facts: RequestFa
     {"properties": "x"}, {"sentAt": "0001-01-02T00:00:00Z", "timestamp": "9999-12-31T23:59:59Z"}, {"type": "bogus"},
 ])
 def test_the_common_path_declines_a_batch_the_general_path_refuses(message: dict[str, object]) -> None:
-    batch = [track(0), track(1, **message)]
+    body, request = batch_body([track(0), track(1, **message)], "sent")
+    mapper = MessageMapper()
+    common_batch = mapper.decode_common(body)
+    assert common_batch is None or mapper.common_rows(CommonMembers.of(common_batch.batch), mapper.batch_facts(
+        request, common_batch.sentAt, common_batch.context)) is None
+    with pytest.raises(Invalid, match=r"\$\.batch\[1\]"):
+        mapper.batch_rows(body, LIMITS, request)
+
+
+def outcome(run: Callable[[], list[Row]]) -> bytes | str:
+    """The rows, or the error."""
+    try:
+        return msgspec.json.Encoder().encode_lines(run())
+    except Invalid as invalid:
+        return f"{invalid.status} {invalid}"
+
+
+def test_every_message_over_the_limit_is_refused_whatever_it_is_made_of() -> None:
+    # The common path skips measuring each message when their members prove none can be over
+    # SEGMENT_MAX_MESSAGE_BYTES: white space, ignored members and escapes are what they cannot see.
+    rng = random.Random(20260304)
+    limits = BatchLimits(max_message_bytes=4000, max_events=10_000)
+    for _ in range(300):
+        batch = []
+        for index in range(rng.choice([1, 2, 5, 20])):
+            message = track(index, properties={"text": "x" * rng.randrange(0, 3000)})
+            if rng.random() < 0.2:
+                message["integrations"] = {"All": "y" * rng.randrange(0, 3000)}
+            if rng.random() < 0.2:
+                message["context"] = {"library": {"name": "é" * rng.randrange(0, 1500)}}
+            if rng.random() < 0.1:
+                message["sentAt"] = "2026-03-04T06:06:00Z"
+            batch.append(message)
+        body = encode({"batch": batch, "sentAt": SENT_AT})
+        if rng.random() < 0.3:  # white space, in a message or between them
+            cut = rng.randrange(len(body) // 2, len(body))
+            cut = body.rindex(b",", 0, cut) + 1
+            body = body[:cut] + b" " * rng.randrange(0, 3000) + body[cut:]
+        if rng.random() < 0.2:  # escapes: six bytes a character
+            body = body.replace(b'"x', b'"\\u0078', rng.randrange(0, 20))
+        raw_messages = msgspec.json.decode(body, type=Envelope).batch
+        mapper = MessageMapper()
+        chosen = outcome(lambda: mapper.batch_rows(body, limits, request_facts()))
+        assert chosen == outcome(lambda: mapper.general_batch_rows(body, limits, request_facts()))
+        too_large = max(map(len, raw_messages)) > limits.max_message_bytes
+        assert isinstance(chosen, str) == too_large and (not too_large or chosen.startswith("413 ")), chosen
+
+
+@pytest.mark.parametrize("count", [1, 20])
+@pytest.mark.parametrize("padding", [b"", b" ", b'"integrations":{},', b'"version":2 ,\n'])
+def test_a_message_one_byte_over_the_limit_is_refused(count: int, padding: bytes) -> None:
+    # Every text at its longest: the bound on each message's size is then at its tightest.
+    batch = [track(index, event="e" * MAX_NAME_LENGTH, userId="u" * MAX_USER_ID_LENGTH,
+                   anonymousId="a" * MAX_USER_ID_LENGTH, messageId=f"{index:0256d}") for index in range(count)]
     body = encode({"batch": batch})
-    assert MessageMapper().common_rows(body, facts()) is None
-    with pytest.raises(Exception, match=r"\$\.batch\[1\]"):
-        both_paths(batch, facts())
+    last = body.rindex(b'{"type"')
+    body = body[:last + 1] + padding + body[last + 1:]  # in the last message only
+    sizes = [len(raw) for raw in msgspec.json.decode(body, type=Envelope).batch]
+    longest = max(sizes)
+    mapper = MessageMapper()
+    assert len(mapper.batch_rows(body, BatchLimits(longest, 10_000), request_facts())) == count
+    first_over = sizes.index(longest)
+    with pytest.raises(Invalid, match=rf"larger than {longest - 1} bytes .* at `\$\.batch\[{first_over}\]`") as refused:
+        mapper.batch_rows(body, BatchLimits(longest - 1, 10_000), request_facts())
+    assert refused.value.status == 413
 
 
 def test_event_ids_of_is_event_id_of_each() -> None:
