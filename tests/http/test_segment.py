@@ -495,6 +495,45 @@ def test_every_message_over_the_limit_is_refused_whatever_it_is_made_of() -> Non
         assert isinstance(chosen, str) == too_large and (not too_large or chosen.startswith("413 ")), chosen
 
 
+def random_message(rng: random.Random, index: int) -> dict[str, object]:
+    """A track message of the common shape, one member in fifteen of another value, right or wrong."""
+    message = track(index)
+    choices: dict[str, list[object]] = {
+        "type": ["page", "identify", "group", "alias", "screen", "bogus", ...],
+        "event": [" ", "", "e" * 257, 5, None, ..., "Ünï ☃"],
+        "userId": ["", 42, "u" * 257, None, ..., {"a": 1}],
+        "anonymousId": ["a", "", 7, None],
+        "messageId": [str(uuid.uuid4()).upper(), "ajs-next-1", "", 12345, None, ..., "m" * 300],
+        "timestamp": ["2026-03-04T06:00:00", "1960-01-01T00:00:00Z", "9999-12-31T23:59:59Z", "1970-01-02T00:10:00Z", 5, ...],
+        "sentAt": ["2026-03-04T07:00:00Z", "2026-03-04T07:00:00", "0001-01-02T00:00:00Z", "bad"],
+        "properties": [{}, None, [1], "x", ..., {"name": "own", "groupId": "g"}],
+        "traits": [{"plan": 1}, "x", None],
+        "context": [{"library": {"name": "x"}}, {"ip": "9.9.9.9"}, {"userAgent": "own"}, {}, None, [], "x"],
+        "name": ["Home", 5, None], "groupId": ["g", 7], "previousId": ["p", 8], "integrations": [{"All": True}],
+    }
+    for member, values in choices.items():
+        if rng.random() < 1 / 15:
+            message[member] = rng.choice(values)
+    return {name: value for name, value in message.items() if value is not ...}
+
+
+def test_random_batches_get_the_same_rows_or_the_same_error_on_either_path() -> None:
+    rng = random.Random(20260305)
+    limits = BatchLimits(max_message_bytes=1500, max_events=30)
+    for _ in range(1500):
+        envelope: dict[str, object] = {"batch": [random_message(rng, index) for index in range(rng.choice([0, 1, 3, 10, 31]))]}
+        if rng.random() < 0.7:
+            envelope["sentAt"] = rng.choice([SENT_AT, "2026-03-04T06:06:00", "bad"])
+        if rng.random() < 0.2:
+            envelope["context"] = rng.choice([{"library": {"name": "batch"}}, [], {"ip": "1.2.3.4"}])
+        body = encode(envelope)
+        request = request_facts(rng.choice([REQUEST_CONTEXT, (b"", REQUEST_CONTEXT[1]), (b"", b"")]))
+        mapper = MessageMapper()
+        assert outcome(lambda: mapper.batch_rows(body, limits, request)) == outcome(
+            lambda: mapper.general_batch_rows(body, limits, request)
+        ), body
+
+
 @pytest.mark.parametrize("count", [1, 20])
 @pytest.mark.parametrize("padding", [b"", b" ", b'"integrations":{},', b'"version":2 ,\n'])
 def test_a_message_one_byte_over_the_limit_is_refused(count: int, padding: bytes) -> None:
