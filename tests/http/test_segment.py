@@ -1,10 +1,13 @@
-"""The Segment-compatible /v1 API on the real application: mapping, keys, limits, all or nothing."""
+"""The Segment-compatible /v1 API on the real application: mapping, keys, limits, all or nothing;
+and its two mapping paths held to the same rows."""
 
 from __future__ import annotations
 
 import base64
 import gzip
+import random
 import uuid
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -12,7 +15,21 @@ from typing import Any
 import msgspec
 import pytest
 
-from clickpulse.http.segment import MESSAGE_ID_NAMESPACE, event_id_of
+from clickpulse.events import MAX_NAME_LENGTH, MAX_USER_ID_LENGTH
+from clickpulse.http.segment import (
+    MESSAGE_ID_NAMESPACE,
+    BatchLimits,
+    CommonMembers,
+    CommonMessage,
+    Envelope,
+    Invalid,
+    Message,
+    MessageMapper,
+    RequestFacts,
+    Row,
+    event_id_of,
+    event_ids_of,
+)
 from tests.http.conftest import App, MakeApp, encode, json_error
 
 SERVER_SECRET = "sk_live_0123456789abcdef"
@@ -245,3 +262,314 @@ async def test_garbage_is_a_4xx_naming_something_never_a_500(app: App, path: str
     if response.status != 200:
         payload = await response.json()
         assert payload["success"] is False and payload["message"] == payload["error"] and payload["code"]
+
+
+async def test_invalid_utf8_inside_a_member_kept_as_text_is_a_400_naming_it(app: App) -> None:
+    # msgspec checks the UTF-8 of what it decodes, not of what it keeps as Raw text.
+    good = b'{"type":"track","event":"e","userId":"u"}'
+    for body, path in [
+        (b'{"batch":[' + good + b',{"type":"track","event":"e","userId":"u","properties":{"a":"\xff"}}]}',
+         "$.batch[1].properties"),
+        (b'{"batch":[{"type":"identify","userId":"u","traits":{"\xff":1}}]}', "$.batch[0].traits"),
+        (b'{"batch":[{"type":"track","event":"e","userId":"u","context":{"a":"\xff"}}]}', "$.batch[0].context"),
+        (b'{"batch":[' + good + b'],"context":{"a":"\xff"}}', "$.context"),
+    ]:
+        assert f"`{path}`" in await json_error(await post(app, "/v1/batch", None, raw=body), 400)
+    response = await post(app, "/v1/track", None, raw=b'{"event":"e","userId":"u","properties":{"a":"\xff"}}')
+    assert "`$.properties`" in await json_error(response, 400)
+    assert rows(app) == []
+
+
+@pytest.mark.parametrize(("batch", "path", "status"), [
+    # A bad member of an early message is named before a later message that fails to decode...
+    ([{"type": "track", "event": " ", "userId": "u"}, {"type": "track", "event": 5, "userId": "u"}],
+     "$.batch[1].event", 400),
+    # ...or is too large; and the other way round.
+    ([{"type": "track", "event": "e"}, {"type": "track", "event": "e", "userId": "u", "properties": {"x": "y" * 300}}],
+     "$.batch[1]`", 400),
+    ([{"type": "track", "event": "e", "userId": "u", "properties": {"x": "y" * 300}}, {"type": "track", "event": "e"}],
+     "$.batch[1]`", 413),
+])
+async def test_the_first_bad_message_is_the_one_named(
+    make_app: MakeApp, batch: list[dict[str, object]], path: str, status: int
+) -> None:
+    app = await make_app(segment_max_message_bytes=200)
+    good = {"type": "track", "event": "ok", "userId": "u", "timestamp": "2026-01-01T00:00:00Z", "properties": {}}
+    error = await json_error(await post(app, "/v1/batch", {"batch": [good, *batch]}), status)
+    assert f"`{path}" in error
+    assert rows(app) == []
+
+
+# -- the common path gives the general path's rows ----------------------------------------------------
+
+RECEIVED_AT = datetime(2026, 3, 4, 5, 6, 7, 891234, tzinfo=timezone.utc)
+SENT_AT = "2026-03-04T06:06:00.5Z"  # the sender's clock, an hour ahead
+REQUEST_CONTEXT = (b'"ip":"10.1.2.3"', b'"userAgent":"sdk/1"')
+LIMITS = BatchLimits(max_message_bytes=32 * 1024, max_events=10_000)
+
+
+def track(index: int, **members: object) -> dict[str, object]:
+    message: dict[str, object] = {
+        "type": "track", "event": f"Event {index}", "userId": f"user_{index}", "messageId": str(uuid.uuid4()),
+        "timestamp": f"2026-03-04T06:0{index % 10}:00.{index:03d}Z",
+        "properties": {"n": index, "nested": {"list": [1, "two", None]}, "text": "naïve \"quoted\" \u2603"},
+    }
+    message.update(members)
+    return {name: value for name, value in message.items() if value is not ...}  # `...`: leave the member out
+
+
+def request_facts(request_context: tuple[bytes, bytes] = REQUEST_CONTEXT) -> RequestFacts:
+    return RequestFacts(RECEIVED_AT, "backend", "backend", request_context)
+
+
+# What the request brings beside its messages: the batch's sentAt and context, the ip and userAgent.
+SENDERS = {
+    "sent": ({"sentAt": SENT_AT}, REQUEST_CONTEXT),
+    "unsent": ({}, REQUEST_CONTEXT),
+    "batch-context": ({"sentAt": SENT_AT, "context": {"library": {"name": "batch"}}}, REQUEST_CONTEXT),
+    "no-ip": ({"sentAt": SENT_AT}, (b"", REQUEST_CONTEXT[1])),
+    "nothing-to-add": ({"sentAt": SENT_AT}, (b"", b"")),
+}
+
+
+def both_paths(body: bytes, request: RequestFacts, limits: BatchLimits = LIMITS) -> tuple[bytes | None, bytes, bytes]:
+    """The rows of the common path (None when it does not take the batch), of the endpoint's
+    choice, and of the general path alone, message by message: each as JSONEachRow."""
+    mapper = MessageMapper()
+    lines = msgspec.json.Encoder().encode_lines
+    common_batch = mapper.decode_common(body)
+    common = None
+    if common_batch is not None:
+        facts = mapper.batch_facts(request, common_batch.sentAt, common_batch.context)
+        common = mapper.common_rows(CommonMembers.of(common_batch.batch), facts)
+    chosen = mapper.batch_rows(body, limits, request)
+    general = mapper.general_batch_rows(body, limits, request)
+    return (lines(common) if common is not None else None), lines(chosen), lines(general)
+
+
+def batch_body(batch: list[dict[str, object]], sender: str) -> tuple[bytes, RequestFacts]:
+    envelope, request_context = SENDERS[sender]
+    return encode({"batch": batch, **envelope}), request_facts(request_context)
+
+
+COMMON_BATCHES: dict[str, list[dict[str, object]]] = {
+    "uuid messageIds": [track(index) for index in range(20)],
+    "upper-case uuids": [track(index, messageId=str(uuid.uuid4()).upper()) for index in range(5)],
+    "non-uuid, near-uuid and absent messageIds": [
+        track(0, messageId="ajs-next-0123456789abcdef0123456789abcdef"), track(1, messageId=...),
+        track(2, messageId="0123456789abcdef0123456789abcdef"), track(3, messageId="0123456-89ab-cdef-0123-456789abcdef0"),
+        track(4, messageId=str(uuid.uuid4()).replace("-", "_")), track(5, messageId="é" * 36), track(6, messageId=""),
+    ],
+    "a sentAt on every message": [track(index, sentAt=f"2026-03-04T0{index}:00:00+0{index}:00") for index in range(5)],
+    "anonymous, both ids, unicode, offsets": [
+        track(0, userId=..., anonymousId="anon-0"), track(1, anonymousId="anon-1"),
+        track(2, event="Ünïcödé ☃", timestamp="2026-03-04T08:00:00.123456+02:00"),
+        track(3, properties={}), track(4, properties={"a": {"b": {"c": [[], {}]}}, "big": 12345678901234567890}),
+    ],
+    "a server SDK's context on each": [
+        track(index, anonymousId=None, integrations={}, context={"library": {"name": "analytics-python", "version": "2"}})
+        for index in range(5)
+    ],
+    "analytics.js's context on each, its userAgent in it": [
+        track(index, messageId=f"ajs-next-{index:032x}", anonymousId=f"anon-{index}", sentAt="2026-03-04T06:06:00Z",
+              context={"userAgent": "Mozilla/5.0 \"quoted\"", "page": {"path": "/", "title": "Ünï ☃"}, "locale": "en"})
+        for index in range(5)
+    ],
+    "contexts with their own ip and userAgent": [
+        track(index, context={"ip": None, "userAgent": f"own/{index}", "n": index}) for index in range(3)
+    ],
+}
+
+
+@pytest.mark.parametrize("name", sorted(COMMON_BATCHES))
+@pytest.mark.parametrize("sender", sorted(SENDERS))
+def test_the_common_path_takes_common_batches_and_gives_the_general_rows(name: str, sender: str) -> None:
+    common, chosen, general = both_paths(*batch_body(COMMON_BATCHES[name], sender))
+    assert common is not None, "the common path declined"
+    assert common == chosen == general
+
+
+@pytest.mark.parametrize("context", [b'{ "locale": "en"}', b'{\n"locale":"en"}', b'{"locale" :\t"en" }', b"{ }"])
+@pytest.mark.parametrize("request_context", [REQUEST_CONTEXT, (b"", b"")], ids=["enriched", "plain"])
+def test_contexts_with_white_space_give_the_general_rows(context: bytes, request_context: tuple[bytes, bytes]) -> None:
+    message = b'{"type":"track","event":"e","userId":"u","timestamp":"2026-03-04T06:00:00Z","properties":{},"context":'
+    body = b'{"batch":[' + message + context + b"}," + message + b'{"locale":"en"}}]}'
+    _, chosen, general = both_paths(body, request_facts(request_context))
+    assert chosen == general
+    assert msgspec.json.decode(general.splitlines()[0])["context"].endswith(context[1:].lstrip().decode())
+
+
+def test_the_common_path_keeps_properties_as_sent() -> None:
+    body = (b'{"batch":[{"type":"track","event":"e","userId":"u","timestamp":"2026-03-04T06:00:00Z",'
+            b'"properties":  {"a" : [1, 2],\n "b":"\\u2603"}  }]}')
+    [row] = MessageMapper().batch_rows(body, LIMITS, request_facts())
+    assert row.properties == '{"a" : [1, 2],\n "b":"\\u2603"}'
+
+
+OTHER_BATCHES: dict[str, list[dict[str, object]]] = {
+    "every message type": [
+        track(0), {"type": "page", "anonymousId": "a", "name": "Home", "category": "Docs", "properties": {"url": "/"}},
+        {"type": "screen", "userId": "u", "name": "Settings"}, {"type": "identify", "userId": "u", "traits": {"plan": 2}},
+        {"type": "group", "userId": "u", "groupId": 7, "traits": {"size": 5}}, {"type": "alias", "userId": 3, "previousId": "a"},
+    ],
+    "integer messageIds and userIds": [track(0, messageId=12345), track(1, userId=42), track(2)],
+    "contexts of their own, of every shape": [
+        track(0, context={"library": {"name": "analytics-python"}}), track(1, context={"ip": "1.1.1.1"}),
+        track(2, context={"userAgent": "own/1", "ip": "2.2.2.2"}), track(3), track(4, context={}),
+    ],
+    "no timestamp, one without a zone": [track(0, timestamp=...), track(1, timestamp="2026-03-04T06:00:00"), track(2)],
+    "a sentAt on some": [track(0, sentAt="2026-03-04T06:00:00Z"), track(1)],
+    "a sentAt without a zone": [track(0, sentAt="2026-03-04T06:00:00"), track(1, sentAt="2026-03-04T06:00:00Z")],
+    "no properties, null properties": [track(0, properties=...), track(1, properties=None), track(2)],
+    "an empty userId beside an anonymousId": [track(0, userId="", anonymousId="a"), track(1)],
+    "a null context": [track(0, context=None), track(1)],
+    "a context on some": [track(0, context={"library": {"name": "x"}}), track(1)],
+    "a userAgent in some contexts": [track(0, context={"userAgent": "own/1"}), track(1, context={"locale": "en"})],
+    "an ip in some contexts": [track(0, context={"ip": "1.1.1.1"}), track(1, context={"locale": "en"})],
+    "an empty context": [track(0, context={}), track(1, context={"locale": "en"})],
+    "the same text as both ids": [track(0, userId="same", anonymousId="same")],
+}
+
+
+@pytest.mark.parametrize("name", sorted(OTHER_BATCHES))
+@pytest.mark.parametrize("sender", ["sent", "unsent"])
+def test_other_batches_take_the_general_path(name: str, sender: str) -> None:
+    common, chosen, general = both_paths(*batch_body(OTHER_BATCHES[name], sender))
+    assert chosen == general
+    if name != "the same text as both ids":  # which path takes that one is msgspec's business
+        assert common is None, "the common path took an uncommon batch"
+
+
+@pytest.mark.parametrize("message", [
+    {"event": " "}, {"event": ""}, {"event": "e" * 257}, {"userId": ...}, {"userId": "u" * 257},
+    {"timestamp": "1960-01-01T00:00:00Z"}, {"timestamp": "2106-01-01T00:00:00Z"},
+    {"timestamp": "1970-01-02T00:30:00Z"}, {"properties": [1]},
+    {"properties": "x"}, {"sentAt": "0001-01-02T00:00:00Z", "timestamp": "9999-12-31T23:59:59Z"}, {"type": "bogus"},
+])
+def test_the_common_path_declines_a_batch_the_general_path_refuses(message: dict[str, object]) -> None:
+    body, request = batch_body([track(0), track(1, **message)], "sent")
+    mapper = MessageMapper()
+    common_batch = mapper.decode_common(body)
+    assert common_batch is None or mapper.common_rows(CommonMembers.of(common_batch.batch), mapper.batch_facts(
+        request, common_batch.sentAt, common_batch.context)) is None
+    with pytest.raises(Invalid, match=r"\$\.batch\[1\]"):
+        mapper.batch_rows(body, LIMITS, request)
+
+
+def outcome(run: Callable[[], list[Row]]) -> bytes | str:
+    """The rows, or the error."""
+    try:
+        return msgspec.json.Encoder().encode_lines(run())
+    except Invalid as invalid:
+        return f"{invalid.status} {invalid}"
+
+
+def test_every_message_over_the_limit_is_refused_whatever_it_is_made_of() -> None:
+    # The common path skips measuring each message when their members prove none can be over
+    # SEGMENT_MAX_MESSAGE_BYTES: white space, ignored members and escapes are what they cannot see.
+    rng = random.Random(20260304)
+    limits = BatchLimits(max_message_bytes=4000, max_events=10_000)
+    for _ in range(300):
+        batch = []
+        for index in range(rng.choice([1, 2, 5, 20])):
+            message = track(index, properties={"text": "x" * rng.randrange(0, 3000)})
+            if rng.random() < 0.2:
+                message["integrations"] = {"All": "y" * rng.randrange(0, 3000)}
+            if rng.random() < 0.2:
+                message["context"] = {"library": {"name": "é" * rng.randrange(0, 1500)}}
+            if rng.random() < 0.1:
+                message["sentAt"] = "2026-03-04T06:06:00Z"
+            batch.append(message)
+        body = encode({"batch": batch, "sentAt": SENT_AT})
+        if rng.random() < 0.3:  # white space, in a message or between them
+            cut = rng.randrange(len(body) // 2, len(body))
+            cut = body.rindex(b",", 0, cut) + 1
+            body = body[:cut] + b" " * rng.randrange(0, 3000) + body[cut:]
+        if rng.random() < 0.2:  # escapes: six bytes a character
+            body = body.replace(b'"x', b'"\\u0078', rng.randrange(0, 20))
+        raw_messages = msgspec.json.decode(body, type=Envelope).batch
+        mapper = MessageMapper()
+        chosen = outcome(lambda: mapper.batch_rows(body, limits, request_facts()))
+        assert chosen == outcome(lambda: mapper.general_batch_rows(body, limits, request_facts()))
+        too_large = max(map(len, raw_messages)) > limits.max_message_bytes
+        assert isinstance(chosen, str) == too_large and (not too_large or chosen.startswith("413 ")), chosen
+
+
+def random_message(rng: random.Random, index: int) -> dict[str, object]:
+    """A track message of the common shape, one member in fifteen of another value, right or wrong."""
+    message = track(index)
+    choices: dict[str, list[object]] = {
+        "type": ["page", "identify", "group", "alias", "screen", "bogus", ...],
+        "event": [" ", "", "e" * 257, 5, None, ..., "Ünï ☃"],
+        "userId": ["", 42, "u" * 257, None, ..., {"a": 1}],
+        "anonymousId": ["a", "", 7, None],
+        "messageId": [str(uuid.uuid4()).upper(), "ajs-next-1", "", 12345, None, ..., "m" * 300],
+        "timestamp": ["2026-03-04T06:00:00", "1960-01-01T00:00:00Z", "9999-12-31T23:59:59Z", "1970-01-02T00:10:00Z", 5, ...],
+        "sentAt": ["2026-03-04T07:00:00Z", "2026-03-04T07:00:00", "0001-01-02T00:00:00Z", "bad"],
+        "properties": [{}, None, [1], "x", ..., {"name": "own", "groupId": "g"}],
+        "traits": [{"plan": 1}, "x", None],
+        "context": [{"library": {"name": "x"}}, {"ip": "9.9.9.9"}, {"userAgent": "own"}, {}, None, [], "x"],
+        "name": ["Home", 5, None], "groupId": ["g", 7], "previousId": ["p", 8], "integrations": [{"All": True}],
+    }
+    for member, values in choices.items():
+        if rng.random() < 1 / 15:
+            message[member] = rng.choice(values)
+    return {name: value for name, value in message.items() if value is not ...}
+
+
+def test_random_batches_get_the_same_rows_or_the_same_error_on_either_path() -> None:
+    rng = random.Random(20260305)
+    limits = BatchLimits(max_message_bytes=1500, max_events=30)
+    for _ in range(1500):
+        envelope: dict[str, object] = {"batch": [random_message(rng, index) for index in range(rng.choice([0, 1, 3, 10, 31]))]}
+        if rng.random() < 0.7:
+            envelope["sentAt"] = rng.choice([SENT_AT, "2026-03-04T06:06:00", "bad"])
+        if rng.random() < 0.2:
+            envelope["context"] = rng.choice([{"library": {"name": "batch"}}, [], {"ip": "1.2.3.4"}])
+        body = encode(envelope)
+        request = request_facts(rng.choice([REQUEST_CONTEXT, (b"", REQUEST_CONTEXT[1]), (b"", b"")]))
+        mapper = MessageMapper()
+        assert outcome(lambda: mapper.batch_rows(body, limits, request)) == outcome(
+            lambda: mapper.general_batch_rows(body, limits, request)
+        ), body
+
+
+@pytest.mark.parametrize("count", [1, 20])
+@pytest.mark.parametrize("padding", [b"", b" ", b'"integrations":{},', b'"version":2 ,\n'])
+def test_a_message_one_byte_over_the_limit_is_refused(count: int, padding: bytes) -> None:
+    # Every text at its longest: the bound on each message's size is then at its tightest.
+    batch = [track(index, event="e" * MAX_NAME_LENGTH, userId="u" * MAX_USER_ID_LENGTH,
+                   anonymousId="a" * MAX_USER_ID_LENGTH, messageId=f"{index:0256d}") for index in range(count)]
+    body = encode({"batch": batch})
+    last = body.rindex(b'{"type"')
+    body = body[:last + 1] + padding + body[last + 1:]  # in the last message only
+    sizes = [len(raw) for raw in msgspec.json.decode(body, type=Envelope).batch]
+    longest = max(sizes)
+    mapper = MessageMapper()
+    assert len(mapper.batch_rows(body, BatchLimits(longest, 10_000), request_facts())) == count
+    first_over = sizes.index(longest)
+    with pytest.raises(Invalid, match=rf"larger than {longest - 1} bytes .* at `\$\.batch\[{first_over}\]`") as refused:
+        mapper.batch_rows(body, BatchLimits(longest - 1, 10_000), request_facts())
+    assert refused.value.status == 413
+
+
+def test_event_ids_of_is_event_id_of_each() -> None:
+    uuids = [str(uuid.uuid4()) for _ in range(50)]
+    cases = [
+        uuids, [text.upper() for text in uuids], [], [uuids[0]], [None, uuids[0]], [1, uuids[0]],
+        uuids[:3] + ["not-a-uuid"], [uuids[0][:35], uuids[1] + "0"], [uuids[0][:35] + "\n", uuids[1]],
+        [uuids[0].replace("-", "0", 1), uuids[1][:8] + "-" + uuids[1][9:]], [uuids[0][:-1] + "g"],
+        ["0123456789abcdef0123456789abcdef"], [uuids[0][:8] + "\n" + uuids[0][9:]], ["-" * 36], ["\n" * 36],
+    ]
+    for ids in cases:
+        assert event_ids_of(list(ids)) == [event_id_of(message_id) or "" for message_id in ids], ids
+
+
+def test_uuid5_event_ids_are_python_uuid5() -> None:
+    for name in ["ajs-next-0123456789abcdef", "", "é☃", "x" * 1000, "12345", str(uuid.uuid4()).upper()[:35]]:
+        assert event_id_of(name) == str(uuid.uuid5(MESSAGE_ID_NAMESPACE, name))
+
+
+def test_a_common_message_has_the_members_of_a_message() -> None:
+    # Each the same type or a narrower one: a message the common path takes, the general path takes alike.
+    assert set(CommonMessage.__struct_fields__) == set(Message.__struct_fields__)
