@@ -16,7 +16,7 @@ import msgspec
 
 from clickpulse import __version__
 from clickpulse.events import SERVER_FIELDS, Event, server_column_schema
-from clickpulse.http.segment import MESSAGE_TYPES, MessageType
+from clickpulse.http.segment_mapping import MESSAGE_TYPES, MessageType
 from clickpulse.messages import ACK_MODES
 
 QUERY_FORMATS = ("PrettyCompactMonoBlock", "JSONCompact", "TSV", "TSVWithNames", "CSV", "CSVWithNames", "JSONEachRow")

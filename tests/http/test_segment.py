@@ -16,7 +16,7 @@ import msgspec
 import pytest
 
 from clickpulse.events import MAX_NAME_LENGTH, MAX_USER_ID_LENGTH
-from clickpulse.http.segment import (
+from clickpulse.http.segment_mapping import (
     MESSAGE_ID_NAMESPACE,
     BatchLimits,
     CommonMembers,
