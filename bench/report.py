@@ -1,0 +1,357 @@
+"""bench/run.py's report: the per-phase table, the per-round ratios, the details of the batch,
+embedded and soak parts, the anomalies, and the summary with one line per target."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from embedded import Embedded
+from harness import LOAD_CPU, SERVICE_CPU, fmt_int, fmt_ms, median_or_zero, print_table, ratio
+from phases import Batches, Run, Single, StoreAlone
+from soak import TOLERANCE, Soak
+
+TARGET_SINGLE_RATIO = 0.8  # median (b)/(a) req/s
+TARGET_EDGE_RATIO = 0.75  # median (e)/(a) req/s
+TARGET_DISK_RATIO = 0.8  # median (d)/(b) req/s
+TARGET_BATCH_US_PER_EVENT = 2.5  # clickpulse CPU per event, (c) and (f)
+TARGET_LANDED_RATIO = 0.8  # (c) landed ÷ ClickHouse alone
+TARGET_EMBEDDED_RATIO = 0.8  # (g) landed ÷ chDB alone
+BOUND = 0.9  # a CPU share at or above this is "the limit"
+
+
+@dataclass
+class Parts:
+    single: Single | None = None
+    batches: Batches | None = None
+    clickhouse_alone: StoreAlone | None = None
+    embedded: Embedded | None = None
+    soak: Soak | None = None
+
+
+def print_phases(run: Run) -> None:
+    print_table(
+        [
+            [
+                phase.name, "-" if phase.round is None else str(phase.round), str(phase.connections),
+                fmt_int(phase.ok), str(phase.non2xx), fmt_int(phase.requests_per_second),
+                fmt_ms(phase.values["p50_us"]), fmt_ms(phase.values["p99_us"]), fmt_int(phase.events_per_second),
+                f"{phase.server_cpu_share:.0%}", f"{phase.cpu_us_per_request:.0f}", f"{phase.cpu_us_per_event:.2f}",
+                f"{phase.others_share:.0%}", f"{phase.interrupt_share:.0%}", f"{phase.wrk_share:.0%}",
+            ]
+            for phase in run.phases
+        ],
+        [
+            "phase", "round", "conns", "2xx", "non-2xx", "2xx req/s", "p50", "p99", "events/s acked",
+            "server CPU", "CPU us/req", "CPU us/event", f"CPU {SERVICE_CPU} others", "of which irq", "wrk CPU",
+        ],
+    )
+
+
+def print_rounds(single: Single) -> None:
+    rounds = single.rounds
+
+    def med(getter) -> float:
+        return median_or_zero([getter(r) for r in rounds])
+
+    columns = [
+        ("(a) req/s", lambda r: r.a.requests_per_second, fmt_int),
+        ("(b) req/s", lambda r: r.b.requests_per_second, fmt_int),
+        ("(e) req/s", lambda r: r.e.requests_per_second, fmt_int),
+        ("(d) req/s", lambda r: r.d.requests_per_second, fmt_int),
+        ("(b)/(a)", lambda r: r.b_over_a, "{:.2f}".format),
+        ("(e)/(a)", lambda r: r.e_over_a, "{:.2f}".format),
+        ("(d)/(b)", lambda r: r.d_over_b, "{:.2f}".format),
+        ("(a) us/req", lambda r: r.a.cpu_us_per_request, "{:.0f}".format),
+        ("(b) us/req", lambda r: r.b.cpu_us_per_request, "{:.0f}".format),
+        ("(e) us/req", lambda r: r.e.cpu_us_per_request, "{:.0f}".format),
+        ("(d) us/req", lambda r: r.d.cpu_us_per_request, "{:.0f}".format),
+        ("CPU (b)/(a)", lambda r: r.cpu_b_over_a, "{:.2f}".format),
+        ("CPU (e)/(a)", lambda r: r.cpu_e_over_a, "{:.2f}".format),
+        ("CPU (e)/(b)", lambda r: r.cpu_e_over_b, "{:.2f}".format),
+        ("CPU (d)/(b)", lambda r: r.cpu_d_over_b, "{:.2f}".format),
+    ]
+    print("per round (ratios of phases run back to back; the medians are the figures to compare; us/req is CPU):")
+    print_table(
+        [[str(r.number), *(fmt(get(r)) for _, get, fmt in columns)] for r in rounds]
+        + [["median", *(fmt(med(get)) for _, get, fmt in columns)]],
+        ["round", *(name for name, _, _ in columns)],
+    )
+    a_rates = [r.a.requests_per_second for r in rounds]
+    if len(rounds) > 1 and min(a_rates) > 0:
+        print(
+            f"(a) ranged from {fmt_int(min(a_rates))} to {fmt_int(max(a_rates))} req/s across rounds "
+            f"({max(a_rates) / min(a_rates) - 1:.0%} apart): the machine's drift, which the per-round ratios cancel"
+        )
+
+
+def print_batches(batches: Batches, alone: StoreAlone | None) -> None:
+    c, f, floors = batches.events, batches.segment, batches.floors
+    print("batches:")
+    if floors is not None:
+        print(
+            f"  floor (plain msgspec decode + encode_lines, best of 7, this process on CPU {floors.cpu}, idle): "
+            f"/events {floors.events_us:.2f} us/event, /v1/batch {floors.segment_us:.2f} us/event"
+        )
+        print(
+            f"  clickpulse's own /events code in-process (decode_json + encode + received_at/context splice): "
+            f"{floors.clickpulse_events_us:.2f} us/event of (c)'s {c.cpu_us_per_event:.2f}"
+        )
+    if f is not None:
+        print(
+            f"  (f) /v1/batch {f.cpu_us_per_event:.2f} us/event, {fmt_int(f.events_per_second)} events/s acked; "
+            f"(c) /events {c.cpu_us_per_event:.2f} us/event, {fmt_int(c.events_per_second)} events/s acked; "
+            f"CPU (f)/(c) {ratio(f.cpu_us_per_event, c.cpu_us_per_event):.2f}"
+        )
+    shares = batches.landed_shares
+    print(
+        f"  (c) implied one-core capacity {fmt_int(ratio(1e6, c.cpu_us_per_event))} events/s (1e6 / us/event)"
+    )
+    print(
+        f"  (c) landed {fmt_int(batches.landed_rows)} rows in {batches.landed_seconds:.2f} s (first request → count() "
+        f"first showing the last row, polled every 50 ms) = {fmt_int(batches.landed_rate)} rows/s; the last row came "
+        f"{batches.last_row_after_last_answer:.2f} s after the last answer (the last partial batch waits up to "
+        "FLUSH_INTERVAL)"
+    )
+    print(
+        f"  over that window: clickpulse {shares.get('clickpulse', 0):.0%} of CPU {SERVICE_CPU} (busy "
+        f"{shares.get('cpu0', 0):.0%} by anyone); CPU {LOAD_CPU} busy {shares.get('cpu1', 0):.0%}: ClickHouse "
+        f"{shares.get('clickhouse', 0):.0%}, wrk {c.wrk_share:.0%}"
+    )
+    if alone is not None:
+        result = alone.result
+        print(
+            f"  ClickHouse alone ({result['store']}): {fmt_int(result['rows'])} rows in {result['inserts']} inserts, "
+            f"{result['seconds']:.2f} s = {fmt_int(alone.rate)} rows/s, count() {fmt_int(result['count'])}; "
+            f"CPU {LOAD_CPU} busy {alone.shares.get('cpu1', 0):.0%}: ClickHouse {alone.shares.get('clickhouse', 0):.0%}, "
+            f"the client {result['client_cpu_seconds'] / result['seconds']:.0%}"
+        )
+
+
+def print_embedded(embedded: Embedded) -> None:
+    g = embedded.phase
+    events = g.accepted_events or 1
+    print("embedded default (chDB in-process; clickpulse, its chDB threads and wrk all on CPU 0):")
+    print(
+        f"  (g) {fmt_int(g.accepted_events)} events acked, landed {fmt_int(embedded.landed_rows)} in "
+        f"{embedded.landed_seconds:.2f} s (first request → /metrics clickhouse_rows_written_total reaching it) = "
+        f"{fmt_int(embedded.landed_rate)} events/s; /query count() {embedded.rows_via_query}, after exit "
+        f"{embedded.rows_after_exit}"
+    )
+    print(
+        f"  CPU per event on the one core: clickpulse's event loop (main thread) "
+        f"{embedded.main_thread_seconds * 1e6 / events:.2f} us, its other threads (chDB) "
+        f"{embedded.other_threads_seconds * 1e6 / events:.2f} us, wrk {g.cpu.wrk_seconds * 1e6 / events:.2f} us; "
+        f"busiest other threads: "
+        + ", ".join(f"{name} {seconds * 1e6 / events:.2f}" for name, seconds in embedded.top_threads)
+    )
+    alone = embedded.alone
+    if alone is not None:
+        result = alone.result
+        print(
+            f"  chDB alone ({result['store']}): {fmt_int(result['rows'])} rows in {result['inserts']} inserts, "
+            f"{result['seconds']:.2f} s = {fmt_int(alone.rate)} rows/s, count() {fmt_int(result['count'])}, "
+            f"{result['cpu_seconds'] * 1e6 / result['rows']:.2f} us CPU/row, peak RSS "
+            f"{result['peak_rss_kib'] / 1024:.0f} MiB"
+        )
+    print(
+        f"  RSS of the embedded clickpulse: peak (VmHWM) {embedded.peak_rss_kib / 1024:.0f} MiB; at the end of the load "
+        f"VmRSS {embedded.rss_kib / 1024:.0f} MiB, by mapping (/proc/PID/smaps):"
+    )
+    for part in embedded.rss_parts[:6]:
+        print(f"    {part.kib / 1024:7.1f} MiB  {part.what}")
+    if embedded.rss_objects:
+        print("    largest other .so files: " + ", ".join(f"{o.what} {o.kib / 1024:.1f}" for o in embedded.rss_objects))
+
+
+def print_soak(soak: Soak) -> None:
+    p = soak.phase
+    kib = [kib for _, kib in soak.samples]
+    print("soak:")
+    print(
+        f"  {fmt_int(p.ok)} single-event POSTs in {p.window:.0f} s: {fmt_int(soak.achieved_rate)} req/s achieved of "
+        f"{fmt_int(soak.rate)} asked ({soak.rate_source}); {int(p.values.get('late', 0)):,} sent over 10 ms late; "
+        f"p50 {fmt_ms(p.values['p50_us'])}, p90 {fmt_ms(p.values['p90_us'])}, p99 {fmt_ms(p.values['p99_us'])}, "
+        f"max {fmt_ms(p.values['max_us'])}; server CPU {p.server_cpu_share:.0%}"
+    )
+    if kib:
+        print(
+            f"  VmRSS: {kib[0] / 1024:.0f} MiB at start, {soak.reference_kib / 1024:.0f} MiB at "
+            f"{soak.reference_seconds:.0f} s, after that {soak.low:+.1%} .. {soak.high:+.1%} of it, "
+            f"{soak.final:+.1%} at the end; {len(kib)} samples; plot: {soak.plot}"
+        )
+    for note in soak.notes:
+        print(f"  note: {note}")
+
+
+# -- the summary ---------------------------------------------------------------------------------
+
+
+def verdict(met: bool, why: str) -> str:
+    return "met" if met else f"NOT MET: {why}"
+
+
+def single_why(rounds, phase: str, baseline: str) -> str:
+    """Why a single-event ratio is low, from the medians of its rounds."""
+    def med(getter) -> float:
+        return median_or_zero([getter(r) for r in rounds])
+
+    server = med(lambda r: getattr(r, phase).server_cpu_share)
+    others = med(lambda r: getattr(r, phase).others_share)
+    wrk = med(lambda r: getattr(r, baseline).wrk_share)
+    us = med(lambda r: getattr(r, phase).cpu_us_per_request)
+    base_us = med(lambda r: getattr(r, baseline).cpu_us_per_request)
+    reasons = []
+    if server >= BOUND:
+        reasons.append(
+            f"server CPU {server:.0%}: clickpulse-bound, {us:.0f} us CPU/req vs the bare handler's {base_us:.0f} "
+            f"({ratio(us, base_us):.2f}x)"
+        )
+    else:
+        reasons.append(f"server CPU only {server:.0%}: not its own CPU alone ({us:.0f} vs {base_us:.0f} us CPU/req)")
+    if wrk >= BOUND:
+        reasons.append(f"wrk {wrk:.0%} of CPU {LOAD_CPU} in ({baseline}): the baseline is load-bound, the gap is larger")
+    if others > 0.05:
+        reasons.append(f"CPU {SERVICE_CPU} shared: others took {others:.0%}")
+    return "; ".join(reasons)
+
+
+def summary(run: Run, parts: Parts) -> list[list[str]]:
+    rows: list[list[str]] = []
+    single = parts.single
+    if single is not None:
+        rounds = single.rounds
+        n = len(rounds)
+        a = median_or_zero([r.a.requests_per_second for r in rounds])
+        for phase, getter, target, label in (
+            ("b", lambda r: r.b_over_a, TARGET_SINGLE_RATIO, "1. single events, memory acks, no keys: (b)/(a) req/s"),
+            ("e", lambda r: r.e_over_a, TARGET_EDGE_RATIO, "1. single events, key + CORS + enrichment: (e)/(a) req/s"),
+        ):
+            value = median_or_zero([getter(r) for r in rounds])
+            rate = median_or_zero([getattr(r, phase).requests_per_second for r in rounds])
+            per_round = ", ".join(f"{getter(r):.2f}" for r in rounds)
+            rows.append([
+                label, f"{value:.2f} (median of {n}; {fmt_int(rate)} req/s)", f"(a) bare handler {fmt_int(a)} req/s",
+                f">= {target:.2f}", verdict(value >= target, f"{single_why(rounds, phase, 'a')}; per round {per_round}"),
+            ])
+    batches = parts.batches
+    if batches is not None:
+        floors = batches.floors
+        for phase, floor_us, label in (
+            (batches.events, floors.events_us if floors else None, "2. 1000-event batches, POST /events: CPU us/event"),
+            (batches.segment, floors.segment_us if floors else None, "2. 1000-message batches, POST /v1/batch: CPU us/event"),
+        ):
+            if phase is None:
+                continue
+            value = phase.cpu_us_per_event
+            why = f"{ratio(value, floor_us):.1f}x the floor" if floor_us else "no floor measured"
+            if floors and phase is batches.events:
+                why += (
+                    f"; clickpulse's decode + encode in-process {floors.clickpulse_events_us:.2f}, the other "
+                    f"{value - floors.clickpulse_events_us:.2f} HTTP, pipeline and insert"
+                )
+            why += f"; server CPU {phase.server_cpu_share:.0%}"
+            rows.append([
+                label, f"{value:.2f}", f"floor {floor_us:.2f} (plain msgspec)" if floor_us else "-",
+                f"<= {TARGET_BATCH_US_PER_EVENT:.2f}", verdict(value <= TARGET_BATCH_US_PER_EVENT, why),
+            ])
+    alone = parts.clickhouse_alone
+    if batches is not None and alone is not None:
+        c = batches.events
+        value = ratio(batches.landed_rate, alone.rate)
+        shares = batches.landed_shares
+        load_busy, clickhouse, server = shares.get("cpu1", 0.0), shares.get("clickhouse", 0.0), shares.get("clickpulse", 0.0)
+        reasons = []
+        others = max(0.0, load_busy - clickhouse - c.wrk_share)
+        if load_busy >= BOUND and others > 0.3 * load_busy:
+            reasons.append(
+                f"CPU {LOAD_CPU} {load_busy:.0%} busy, {others:.0%} of it neither ClickHouse ({clickhouse:.0%}) nor wrk "
+                f"({c.wrk_share:.0%}): the machine was not quiet"
+            )
+        elif load_busy >= BOUND:
+            reasons.append(
+                f"ClickHouse shares CPU {LOAD_CPU} with wrk ({load_busy:.0%} busy: ClickHouse {clickhouse:.0%}, wrk "
+                f"{c.wrk_share:.0%}; alone, ClickHouse took {alone.shares.get('clickhouse', 0):.0%})"
+            )
+        if server >= BOUND:
+            reasons.append(f"server CPU {server:.0%}: clickpulse-bound")
+        if not reasons:
+            reasons.append(
+                f"neither CPU saturated (clickpulse {server:.0%} of CPU {SERVICE_CPU}, CPU {LOAD_CPU} {load_busy:.0%} "
+                f"busy, ClickHouse {clickhouse:.0%} against {alone.shares.get('clickhouse', 0):.0%} alone)"
+            )
+        reasons.append(f"{batches.last_row_after_last_answer:.2f} s of the {batches.landed_seconds:.2f} s waited for the "
+                       "last partial batch")
+        rows.append([
+            "3. landed in ClickHouse: (c) events/s first request → last row",
+            f"{fmt_int(batches.landed_rate)} = {value:.2f}x", f"ClickHouse alone {fmt_int(alone.rate)} rows/s",
+            f">= {TARGET_LANDED_RATIO:.2f}x", verdict(value >= TARGET_LANDED_RATIO, "; ".join(reasons)),
+        ])
+    if single is not None:
+        rounds = single.rounds
+        value = median_or_zero([r.d_over_b for r in rounds])
+        server = median_or_zero([r.d.server_cpu_share for r in rounds])
+        cpu = median_or_zero([r.cpu_d_over_b for r in rounds])
+        if server < 0.85:
+            why = f"server CPU {server:.0%}: waiting for fsync (spool on {single.spool_filesystem})"
+        else:
+            why = f"server CPU {server:.0%}: clickpulse-bound, a disk-ack request costs {cpu:.2f}x the CPU of a memory-ack one"
+        rows.append([
+            "4. disk acks: (d)/(b) req/s", f"{value:.2f} (median of {len(rounds)})",
+            f"(b) memory acks {fmt_int(median_or_zero([r.b.requests_per_second for r in rounds]))} req/s",
+            f">= {TARGET_DISK_RATIO:.2f}",
+            verdict(value >= TARGET_DISK_RATIO, f"{why}; per round " + ", ".join(f"{r.d_over_b:.2f}" for r in rounds)),
+        ])
+    embedded = parts.embedded
+    if embedded is not None and embedded.alone is not None:
+        value = ratio(embedded.landed_rate, embedded.alone.rate)
+        events = embedded.phase.accepted_events or 1
+        result = embedded.alone.result
+        why = (
+            f"one core for all: clickpulse's event loop {embedded.main_thread_seconds * 1e6 / events:.2f} us/event + "
+            f"its chDB threads {embedded.other_threads_seconds * 1e6 / events:.2f} + wrk "
+            f"{embedded.phase.cpu.wrk_seconds * 1e6 / events:.2f}, against chDB alone "
+            f"{result['cpu_seconds'] * 1e6 / result['rows']:.2f} us/row"
+        )
+        rows.append([
+            "5. embedded default: (g) events/s landed in chDB, one core",
+            f"{fmt_int(embedded.landed_rate)} = {value:.2f}x", f"chDB alone {fmt_int(embedded.alone.rate)} rows/s",
+            f">= {TARGET_EMBEDDED_RATIO:.2f}x", verdict(value >= TARGET_EMBEDDED_RATIO, why),
+        ])
+    soak = parts.soak
+    if soak is not None and soak.samples:
+        reasons = []
+        if soak.high > TOLERANCE:
+            reasons.append(f"RSS grew to {soak.high:+.0%} of its value at {soak.reference_seconds:.0f} s")
+        if soak.low < -TOLERANCE:
+            reasons.append(f"RSS fell to {soak.low:+.0%} of its value at {soak.reference_seconds:.0f} s")
+        if not soak.after:
+            reasons.append("no samples after the reference time")
+        shortfall = soak.achieved_rate < 0.95 * soak.rate
+        rows.append([
+            f"6. memory flat: soak {soak.phase.window:.0f} s at {fmt_int(soak.achieved_rate)} req/s, "
+            f"p99 {fmt_ms(soak.phase.values['p99_us'])}",
+            f"VmRSS {soak.low:+.1%} .. {soak.high:+.1%}",
+            f"VmRSS at {soak.reference_seconds:.0f} s {soak.reference_kib / 1024:.0f} MiB",
+            f"within ±{TOLERANCE:.0%}",
+            verdict(soak.flat, "; ".join(reasons))
+            + (f" (but only {fmt_int(soak.achieved_rate)} of {fmt_int(soak.rate)} req/s achieved)" if shortfall else ""),
+        ])
+    return rows
+
+
+def print_summary(run: Run, parts: Parts) -> None:
+    print("summary, one line per target (each against its baseline from this run):")
+    print_table(summary(run, parts), ["target", "figure", "baseline (same run)", "target", "verdict"], left=(0, -1))
+    print()
+    checks = [[what, f"{fmt_int(rows)} vs {fmt_int(acked)}", "equal", "OK" if rows == acked else "MISMATCH"]
+              for what, rows, acked in run.rows_checks]
+    checks += [
+        [f"exit status after SIGTERM, {service.label}", str(service.exit_status), "0",
+         "OK" if service.exit_status == 0 else "FAILED"]
+        for service in run.services
+    ]
+    checks += [
+        [f"peak RSS (VmHWM), {service.label}", f"{service.peak_rss_kib / 1024:.1f} MiB", "", ""]
+        for service in run.services
+    ]
+    print_table(checks, ["check", "value", "expected", ""], left=(0, -1))
