@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 from harness import (
-    BENCH, CLOCK_TICKS, LOAD_CPU, ROOT, SERVICE_CPU, PhaseResult, RowPoller, child_env, http_request, metric_value,
+    BENCH, CLOCK_TICKS, LOAD_CPU, ROOT, SERVICE_CPU, CpuSampler, PhaseResult, RowPoller, child_env, http_request, metric_value,
     ratio, run_json_child, run_wrk, start_clickpulse, status_kib, thread_ticks,
 )
 from phases import Run, StoreAlone
@@ -163,12 +163,16 @@ def run_embedded(run: Run) -> Embedded:
     )
 
     print(f"bench: chDB alone: {args.baseline_rows:,} rows, in a process of its own on CPU {SERVICE_CPU}", flush=True)
-    result = run_json_child(
-        ["taskset", "-c", SERVICE_CPU, sys.executable, str(BENCH / "baseline.py"), "chdb",
-         "--path", str(run.workdir / "chdb-alone"), "--body", str(run.bodies.batch), "--rows", str(args.baseline_rows)],
-        run.workdir / "chdb-alone.log", timeout=900,
-    )
-    embedded.alone = StoreAlone(result)
+    sampler = CpuSampler({}).start()
+    try:
+        result = run_json_child(
+            ["taskset", "-c", SERVICE_CPU, sys.executable, str(BENCH / "baseline.py"), "chdb",
+             "--path", str(run.workdir / "chdb-alone"), "--body", str(run.bodies.batch), "--rows", str(args.baseline_rows)],
+            run.workdir / "chdb-alone.log", timeout=900,
+        )
+    finally:
+        sampler.stop()
+    embedded.alone = StoreAlone(result, {"cpu0": sampler.share("cpu0", result["started_at"], result["ended_at"])})
     if result["count"] != result["rows"]:
         run.anomalies.append(f"chDB alone: count() {result['count']} for {result['rows']} rows inserted")
     return embedded

@@ -4,6 +4,7 @@ rate; ClickHouse alone ingesting the same rows."""
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ import floor
 from bodies import Bodies
 from harness import (
     BENCH, LOAD_CPU, ROOT, SERVICE_CPU, STOP_SECONDS, TABLE, Clickpulse, CpuSampler, PhaseResult, RowPoller, child_env,
-    count_rows, free_port, http_status, ratio, run_json_child, run_wrk, start_clickpulse, tail,
+    count_rows, filesystem_of, free_port, http_status, ratio, run_json_child, run_wrk, start_clickpulse, tail,
     wait_for_rows, wait_merges_done, wait_until,
 )
 from clickpulse.schema import capabilities_for
@@ -32,7 +33,7 @@ EDGE_HEADERS = {"Authorization": f"Bearer {KEY_SECRET}", "Origin": ORIGIN, "User
 class Run:
     """What one `python bench/run.py` shares between its parts."""
 
-    args: object  # argparse.Namespace
+    args: argparse.Namespace
     workdir: Path
     bodies: Bodies
     anomalies: list[str] = field(default_factory=list)
@@ -121,7 +122,7 @@ def start_memory(run: Run) -> Clickpulse:
     return run.start("clickpulse (memory acks)", "clickpulse-memory.stderr.log", ACK_MODE="memory")
 
 
-def run_single(run: Run, memory: Clickpulse, filesystem_of) -> Single:
+def run_single(run: Run, memory: Clickpulse) -> Single:
     """Starts the bare handler, the keyed and the disk-ack clickpulse beside `memory`, runs the
     rounds, then stops all but `memory` and checks their rows."""
     args = run.args

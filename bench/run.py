@@ -43,8 +43,9 @@ import report  # noqa: E402
 import soak as soak_part  # noqa: E402
 from bodies import write_bodies  # noqa: E402
 from harness import (  # noqa: E402
-    LOAD_CPU, OTHERS_CPU_WARNING, SERVICE_CPU, filesystem_of, median_or_zero, source_state, tail,
+    LOAD_CPU, OTHERS_CPU_WARNING, SERVICE_CPU, Clickpulse, median_or_zero, source_state, tail, wait_for_rows,
 )
+from tests.support import stop_process  # noqa: E402
 from tests.servers import find_clickhouse_server, start_clickhouse  # noqa: E402
 
 PARTS = ("single", "batch", "landed", "soak", "embedded")
@@ -68,6 +69,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="the soak's rate as a share of (b)'s median req/s (default 0.8)")
     parser.add_argument("--soak-rate", type=float, default=None,
                         help="the soak's rate in req/s, instead of a share of (b) (without `single`: else measured first)")
+    parser.add_argument("--soak-connections", type=int, default=None,
+                        help="wrk connections for the soak (default: --connections)")
     parser.add_argument("--soak-plot", default=None, help="where to write the soak's RSS curve (default: the temp dir)")
     parser.add_argument(
         "--clickhouse-cpus", default=LOAD_CPU,
@@ -85,12 +88,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--rounds must be at least 1")
     if args.duration <= 0:
         parser.error("--duration must be positive")
+    if args.soak_connections is None:
+        args.soak_connections = args.connections
     if args.batch_duration is None:
         args.batch_duration = 2 * args.duration
     return args
 
 
-def collect_anomalies(run: phases.Run, spool_filesystem: str | None) -> list[tuple[phases.Clickpulse, str]]:
+def collect_anomalies(run: phases.Run, spool_filesystem: str | None) -> list[tuple[Clickpulse, str]]:
     """Adds what every phase and service says about itself; returns the services with stderr."""
     for phase in run.phases:
         where = phase.name if phase.round is None else f"round {phase.round} {phase.name}"
@@ -161,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             memory = phases.start_memory(run)
         if "single" in args.parts:
             assert memory is not None
-            parts.single = phases.run_single(run, memory, filesystem_of)
+            parts.single = phases.run_single(run, memory)
         if batch_wanted:
             assert memory is not None
             acknowledged = parts.single.memory_acknowledged if parts.single else 0
@@ -174,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             memory.stop(run.anomalies)
             acknowledged = parts.single.memory_acknowledged if parts.single else 0
             run.check_rows("rows vs 2xx-acked events, memory acks (b)",
-                           phases.wait_for_rows(run.server, memory.database, acknowledged, 30.0), acknowledged)
+                           wait_for_rows(run.server, memory.database, acknowledged, 30.0), acknowledged)
         if "soak" in args.parts:
             if args.soak_rate:
                 rate, source = args.soak_rate, "--soak-rate"
@@ -239,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for process in run.processes:
             if process.poll() is None:
-                phases.stop_process(process, timeout=30.0)
+                stop_process(process, timeout=30.0)
         if failed or run.anomalies or args.keep:
             print(f"bench: logs and data kept in {workdir}")
         else:

@@ -108,7 +108,7 @@ def run_soak(run: Run, rate: float | None, rate_source: str) -> Soak:
     sampler = RssSampler(service.pid)
     sampler.start()
     phase = run_wrk(
-        "(s) soak, single events, paced", f"{service.url}/events", run.bodies.single, args.connections,
+        "(s) soak, single events, paced", f"{service.url}/events", run.bodies.single, args.soak_connections,
         args.soak_seconds, 1, service.pid, rate=rate,
     )
     sampler.stop()
