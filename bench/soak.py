@@ -117,6 +117,11 @@ def run_soak(run: Run, rate: float | None, rate_source: str) -> Soak:
     samples = [(at, kib) for at, kib in sampler.samples if at <= args.soak_seconds + 1]
     reference = min(REFERENCE_SECONDS, args.soak_seconds / 2)
     soak = Soak(phase, rate, rate_source, samples, reference)
+    if soak.achieved_rate < 0.95 * rate:
+        run.anomalies.append(
+            f"soak: {soak.achieved_rate:,.0f} req/s achieved of {rate:,.0f} asked: the service (or the "
+            f"{args.soak_connections} connections) could not keep the pace"
+        )
     if reference < REFERENCE_SECONDS:
         soak.notes.append(f"soak shorter than 2 minutes: RSS compared with its value at {reference:.0f} s, not 60 s")
     service.stop(run.anomalies)
