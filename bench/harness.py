@@ -103,9 +103,15 @@ def status_kib(pid: int, field_name: str) -> int:
 
 def process_ticks(pid: int) -> int:
     """utime + stime of a process, all its threads, in clock ticks (fields 14 and 15 of stat)."""
+    user, system = process_user_system_ticks(pid)
+    return user + system
+
+
+def process_user_system_ticks(pid: int) -> tuple[int, int]:
+    """utime and stime of a process, all its threads, in clock ticks."""
     with open(f"/proc/{pid}/stat") as stat:
         fields = stat.read().rpartition(")")[2].split()
-    return int(fields[11]) + int(fields[12])
+    return int(fields[11]), int(fields[12])
 
 
 def thread_ticks(pid: int) -> dict[int, tuple[str, int]]:
@@ -138,6 +144,7 @@ def cpu_times(cpu: str) -> tuple[int, int, int]:
 class CpuSnapshot:
     at: float
     process_ticks: int  # utime + stime of the service process, all threads
+    process_system_ticks: int  # its stime: the kernel's work for it (socket reads and writes, fsync)
     cpu_busy_ticks: int  # the service CPU's busy time, whoever used it
     cpu_total_ticks: int
     cpu_interrupt_ticks: int  # the service CPU's irq + softirq time (network receive, disk completions)
@@ -148,8 +155,9 @@ class CpuSnapshot:
 def cpu_snapshot(pid: int, watched: dict[str, int] | None = None) -> CpuSnapshot:
     busy, total, interrupts = cpu_times(SERVICE_CPU)
     load_busy, _, _ = cpu_times(LOAD_CPU)
+    user, system = process_user_system_ticks(pid)
     return CpuSnapshot(
-        time.monotonic(), process_ticks(pid), busy, total, interrupts, load_busy,
+        time.monotonic(), user + system, system, busy, total, interrupts, load_busy,
         {label: process_ticks(other) for label, other in (watched or {}).items()},
     )
 
@@ -163,6 +171,7 @@ class CpuUse:
     load_busy_seconds: float = 0.0  # busy time of the load CPU
     watched_seconds: dict[str, float] = field(default_factory=dict)  # CPU time of each watched process
     wrk_seconds: float = 0.0  # wrk's own CPU time (its rusage)
+    process_system_seconds: float = 0.0  # the system (kernel) part of process_seconds
 
     @classmethod
     def between(cls, before: CpuSnapshot, after: CpuSnapshot, subtract_from_others: int = 0) -> CpuUse:
@@ -175,6 +184,7 @@ class CpuUse:
             process / CLOCK_TICKS, others / CLOCK_TICKS, after.at - before.at, interrupts / CLOCK_TICKS,
             (after.load_busy_ticks - before.load_busy_ticks) / CLOCK_TICKS,
             {label: (after.watched_ticks[label] - ticks) / CLOCK_TICKS for label, ticks in before.watched_ticks.items()},
+            process_system_seconds=(after.process_system_ticks - before.process_system_ticks) / CLOCK_TICKS,
         )
 
 
@@ -282,6 +292,11 @@ class PhaseResult:
     def cpu_us_per_event(self) -> float:
         """CPU time of the server process per acknowledged event, in microseconds."""
         return self.cpu.process_seconds * 1e6 / self.accepted_events if self.cpu and self.accepted_events else 0.0
+
+    @property
+    def system_share(self) -> float:
+        """The kernel's part of the server's CPU time (system ÷ user + system)."""
+        return self.cpu.process_system_seconds / self.cpu.process_seconds if self.cpu and self.cpu.process_seconds else 0.0
 
     @property
     def others_share(self) -> float:

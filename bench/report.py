@@ -35,14 +35,15 @@ def print_phases(run: Run) -> None:
                 phase.name, "-" if phase.round is None else str(phase.round), str(phase.connections),
                 fmt_int(phase.ok), str(phase.non2xx), fmt_int(phase.requests_per_second),
                 fmt_ms(phase.values["p50_us"]), fmt_ms(phase.values["p99_us"]), fmt_int(phase.events_per_second),
-                f"{phase.server_cpu_share:.0%}", f"{phase.cpu_us_per_request:.0f}", f"{phase.cpu_us_per_event:.2f}",
+                f"{phase.server_cpu_share:.0%}", f"{phase.system_share:.0%}", f"{phase.cpu_us_per_request:.0f}",
+                f"{phase.cpu_us_per_event:.2f}",
                 f"{phase.others_share:.0%}", f"{phase.interrupt_share:.0%}", f"{phase.wrk_share:.0%}",
             ]
             for phase in run.phases
         ],
         [
             "phase", "round", "conns", "2xx", "non-2xx", "2xx req/s", "p50", "p99", "events/s acked",
-            "server CPU", "CPU us/req", "CPU us/event", f"CPU {SERVICE_CPU} others", "of which irq", "wrk CPU",
+            "server CPU", "of it sys", "CPU us/req", "CPU us/event", f"CPU {SERVICE_CPU} others", "of which irq", "wrk CPU",
         ],
     )
 
