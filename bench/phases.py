@@ -289,6 +289,11 @@ class StoreAlone:
     def rate(self) -> float:
         return float(self.result["rows_per_second"])
 
+    @property
+    def clickhouse_us_per_row(self) -> float:
+        """The ClickHouse server's CPU time per row inserted (the server baseline only)."""
+        return self.shares.get("clickhouse", 0.0) * float(self.result["seconds"]) * 1e6 / int(self.result["rows"])
+
 
 def run_clickhouse_alone(run: Run, like_database: str) -> StoreAlone:
     """The same rows as 10k-row JSONEachRow inserts from one client pinned to the load CPU, into

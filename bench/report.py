@@ -116,7 +116,8 @@ def print_batches(batches: Batches, alone: StoreAlone | None) -> None:
     print(
         f"  over that window: clickpulse {shares.get('clickpulse', 0):.0%} of CPU {SERVICE_CPU} (busy "
         f"{shares.get('cpu0', 0):.0%} by anyone); CPU {LOAD_CPU} busy {shares.get('cpu1', 0):.0%}: ClickHouse "
-        f"{shares.get('clickhouse', 0):.0%}, wrk {c.wrk_share:.0%}"
+        f"{shares.get('clickhouse', 0):.0%} ({ratio(shares.get('clickhouse', 0) * batches.landed_seconds * 1e6, batches.landed_rows):.2f} "
+        f"us/row, count() polls included), wrk {c.wrk_share:.0%}"
     )
     if alone is not None:
         result = alone.result
@@ -124,7 +125,8 @@ def print_batches(batches: Batches, alone: StoreAlone | None) -> None:
             f"  ClickHouse alone ({result['store']}): {fmt_int(result['rows'])} rows in {result['inserts']} inserts, "
             f"{result['seconds']:.2f} s = {fmt_int(alone.rate)} rows/s, count() {fmt_int(result['count'])}; "
             f"CPU {LOAD_CPU} busy {alone.shares.get('cpu1', 0):.0%}: ClickHouse {alone.shares.get('clickhouse', 0):.0%}, "
-            f"the client {result['client_cpu_seconds'] / result['seconds']:.0%}"
+            f"the client {result['client_cpu_seconds'] / result['seconds']:.0%}; ClickHouse CPU "
+            f"{alone.clickhouse_us_per_row:.2f} us/row"
         )
 
 
@@ -262,25 +264,27 @@ def summary(run: Run, parts: Parts) -> list[list[str]]:
         value = ratio(batches.landed_rate, alone.rate)
         shares = batches.landed_shares
         load_busy, clickhouse, server = shares.get("cpu1", 0.0), shares.get("clickhouse", 0.0), shares.get("clickpulse", 0.0)
-        reasons = []
+        alone_share = alone.shares.get("clickhouse", 0.0)
         others = max(0.0, load_busy - clickhouse - c.wrk_share)
-        if load_busy >= BOUND and others > 0.3 * load_busy:
+        per_row = clickhouse * batches.landed_seconds * 1e6 / batches.landed_rows if batches.landed_rows else 0.0
+        reasons = []
+        if load_busy >= BOUND:
+            # ClickHouse is the bottleneck on a busy CPU 1: say who else took it.
+            who = [f"wrk {c.wrk_share:.0%}"] + ([f"others {others:.0%}"] if others > OTHERS_CPU_WARNING else [])
+            sharer = "wrk" if c.wrk_share >= others else "other processes"
             reasons.append(
-                f"CPU {LOAD_CPU} {load_busy:.0%} busy, {others:.0%} of it neither ClickHouse ({clickhouse:.0%}) nor wrk "
-                f"({c.wrk_share:.0%}): the machine was not quiet"
-            )
-        elif load_busy >= BOUND:
-            reasons.append(
-                f"ClickHouse shares CPU {LOAD_CPU} with wrk ({load_busy:.0%} busy: ClickHouse {clickhouse:.0%}, wrk "
-                f"{c.wrk_share:.0%}; alone, ClickHouse took {alone.shares.get('clickhouse', 0):.0%})"
+                f"ClickHouse-bound on a shared CPU {LOAD_CPU}: it got {clickhouse:.0%} ({', '.join(who)}, run.py's "
+                f"count() polls inside ClickHouse's share) against {alone_share:.0%} alone; CPU {LOAD_CPU} shared with "
+                f"{sharer}"
             )
         if server >= BOUND:
             reasons.append(f"server CPU {server:.0%}: clickpulse-bound")
         if not reasons:
             reasons.append(
                 f"neither CPU saturated (clickpulse {server:.0%} of CPU {SERVICE_CPU}, CPU {LOAD_CPU} {load_busy:.0%} "
-                f"busy, ClickHouse {clickhouse:.0%} against {alone.shares.get('clickhouse', 0):.0%} alone)"
+                f"busy, ClickHouse {clickhouse:.0%} against {alone_share:.0%} alone)"
             )
+        reasons.append(f"ClickHouse CPU {per_row:.2f} us/row against {alone.clickhouse_us_per_row:.2f} alone")
         reasons.append(f"{batches.last_row_after_last_answer:.2f} s of the {batches.landed_seconds:.2f} s waited for the "
                        "last partial batch")
         rows.append([
@@ -315,9 +319,11 @@ def summary(run: Run, parts: Parts) -> list[list[str]]:
             f"its chDB threads {embedded.other_threads_seconds * 1e6 / events:.2f} + wrk "
             f"{embedded.phase.cpu.wrk_seconds * 1e6 / events:.2f}, against chDB alone "
             f"{result['cpu_seconds'] * 1e6 / result['rows']:.2f} us/row"
-        ) + noisy(embedded.phase.others_share) + noisy(
-            max(0.0, embedded.alone.shares.get("cpu0", 0.0) - result["cpu_seconds"] / result["seconds"])
-        ).replace("others took", "others took during chDB alone")
+        )
+        alone_others = max(0.0, embedded.alone.shares.get("cpu0", 0.0) - result["cpu_seconds"] / result["seconds"])
+        if max(embedded.phase.others_share, alone_others) > OTHERS_CPU_WARNING:
+            why += (f"; CPU {SERVICE_CPU} not quiet: others took {embedded.phase.others_share:.0%} in (g), "
+                    f"{alone_others:.0%} during chDB alone")
         rows.append([
             "5. embedded default: (g) events/s landed in chDB, one core",
             f"{fmt_int(embedded.landed_rate)} = {value:.2f}x", f"chDB alone {fmt_int(embedded.alone.rate)} rows/s",

@@ -62,8 +62,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="seconds of load per batch phase, (f), (c), (g) (default: 2 x --duration)")
     parser.add_argument("--batch-connections", type=int, default=8, help="wrk connections for batches (default 8)")
     parser.add_argument("--batch-events", type=int, default=1000, help="events per batch request (default 1000)")
-    parser.add_argument("--baseline-rows", type=int, default=600_000,
-                        help="rows ClickHouse alone and chDB alone insert, 10,000 an insert (default 600000)")
+    parser.add_argument("--baseline-rows", type=int, default=1_000_000,
+                        help="rows ClickHouse alone and chDB alone insert, 10,000 an insert (default 1000000)")
     parser.add_argument("--soak-seconds", type=float, default=300.0, help="length of the soak (default 300; 0 skips it)")
     parser.add_argument("--soak-share", type=float, default=0.8,
                         help="the soak's rate as a share of (b)'s median req/s (default 0.8)")
