@@ -94,29 +94,40 @@ def write_bodies(directory: Path, batch_events: int) -> Bodies:
 
 class EventsRows:
     """Makes, for one POST /events body, the JSONEachRow lines clickpulse's /events endpoint
-    hands its pipeline: clickpulse.events.EventDecoder().decode_json, RowEncoder().encode, then
-    the `received_at` and `context` members spliced into every line (clickpulse/http/events.py
-    `with_members`, clickpulse/http/enrich.py `Enricher`). Fresh event_ids every call, as
-    clickpulse generates them for a body repeated by wrk. Not timed: the baselines make all their
-    rows before they start the clock."""
+    hands its pipeline, with clickpulse's own code: clickpulse.events.EventDecoder().decode_json
+    and RowEncoder().encode, with the `received_at` and `context` the endpoint adds from
+    clickpulse/http/enrich.py's `Enricher` (clickpulse/http/events.py: spliced into every line by
+    `with_members`, or, where the endpoint has them, set on each event through a `RowStamp`).
+    Fresh event_ids every call, as clickpulse generates them for a body wrk repeats. Not timed: the
+    baselines make all their rows before they start the clock."""
 
     def __init__(self, user_agent: str | None = None, client: str = "127.0.0.1", enrich_ip: str = "true") -> None:
-        from clickpulse.events import EventDecoder, RowEncoder
+        import clickpulse.events as events
         from clickpulse.http.enrich import Enricher
-        from clickpulse.http.events import with_members
 
-        self._decoder = EventDecoder()
-        self._encoder = RowEncoder()
+        self._decoder = events.EventDecoder()
+        self._encoder = events.RowEncoder()
         self._enricher = Enricher(enrich_ip)  # type: ignore[arg-type]
-        self._with_members = with_members
         # The enricher reads only the request's headers (User-Agent).
         self._request = SimpleNamespace(headers={"User-Agent": user_agent} if user_agent else {})
         self._client = client
+        self._stamp_type = getattr(events, "RowStamp", None)
+        if self._stamp_type is None:
+            from clickpulse.http.events import with_members
+
+            self._with_members = with_members
 
     def rows(self, body: bytes) -> tuple[bytes, int]:
+        enricher, request, client = self._enricher, self._request, self._client
+        if self._stamp_type is not None:
+            from msgspec import UNSET
+
+            stamp = self._stamp_type(enricher.received_at_value(), enricher.context_value(request, client), UNSET)
+            events, _ = self._decoder.decode_json(body, stamp)
+            return self._encoder.encode(events), len(events)
         events, _ = self._decoder.decode_json(body)
         rows = self._encoder.encode(events)
-        members = self._enricher.received_at_member() + self._enricher.context_member(self._request, self._client)
+        members = enricher.received_at_member() + enricher.context_member(request, client)
         return self._with_members(rows, members), len(events)
 
 

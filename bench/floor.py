@@ -60,7 +60,7 @@ class Floors:
     cpu: str
 
 
-def best_us_per_event(work, events: int, repeats: int = 7, min_seconds: float = 0.1) -> float:
+def best_us_per_event(work, events: int, repeats: int = 11, min_seconds: float = 0.1) -> float:
     """Best of `repeats` of the thread CPU time per event of `work()`, each repeat long enough to
     measure (`min_seconds`)."""
     work()  # warm up: caches, the allocator, msgspec's type info

@@ -90,7 +90,7 @@ def print_batches(batches: Batches, alone: StoreAlone | None) -> None:
     print("batches:")
     if floors is not None:
         print(
-            f"  floor (plain msgspec decode + encode_lines, best of 7, this process on CPU {floors.cpu}, idle): "
+            f"  floor (plain msgspec decode + encode_lines, best of 11, this process on CPU {floors.cpu}, idle): "
             f"/events {floors.events_us:.2f} us/event, /v1/batch {floors.segment_us:.2f} us/event"
         )
         print(
