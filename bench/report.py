@@ -109,7 +109,7 @@ def print_batches(batches: Batches, alone: StoreAlone | None) -> None:
     )
     print(
         f"  (c) landed {fmt_int(batches.landed_rows)} rows in {batches.landed_seconds:.2f} s (first request → count() "
-        f"first showing the last row, polled every 50 ms) = {fmt_int(batches.landed_rate)} rows/s; the last row came "
+        f"first showing the last row, polled every 0.5 s while sending, 50 ms after) = {fmt_int(batches.landed_rate)} rows/s; the last row came "
         f"{batches.last_row_after_last_answer:.2f} s after the last answer (the last partial batch waits up to "
         "FLUSH_INTERVAL)"
     )

@@ -198,8 +198,9 @@ def main(argv: list[str] | None = None) -> int:
         with_stderr = collect_anomalies(run, parts.single.spool_filesystem if parts.single else None)
         print()
         print(
-            f"clickpulse benchmark: parts {', '.join(args.parts)}; {args.rounds} rounds of (a), (b), (e), (d) of "
-            f"{args.duration:g} s; batches {args.batch_duration:g} s; services on CPU {SERVICE_CPU} (one under load at "
+            f"clickpulse benchmark: parts {', '.join(args.parts)}; "
+            + (f"{args.rounds} rounds of (a), (b), (e), (d) of {args.duration:g} s; " if parts.single else "")
+            + f"batches {args.batch_duration:g} s; services on CPU {SERVICE_CPU} (one under load at "
             f"a time), wrk on CPU {LOAD_CPU} (for (g) on CPU {SERVICE_CPU}), ClickHouse {run.clickhouse_version or '-'} "
             f"on CPU {args.clickhouse_cpus}; BATCH_SIZE default, FLUSH_INTERVAL 1s"
             + (f"; (d)'s spool on {parts.single.spool_filesystem}" if parts.single else "")
