@@ -79,7 +79,7 @@ class Embedded:
     other_threads_seconds: float  # chDB's threads and the executor thread that calls it
     top_threads: list[tuple[str, float]]
     exit_status: int | None
-    alone: StoreAlone | None = None
+    alones: list[StoreAlone] = field(default_factory=list)  # chDB alone before and after (g)
     chdb_version: str = ""
     notes: list[str] = field(default_factory=list)
 
@@ -100,8 +100,29 @@ def count_after_exit(run: Run, data_dir) -> int | None:
     return int(completed.stdout.strip())
 
 
+def chdb_alone(run: Run, label: str) -> StoreAlone:
+    """chDB alone, in a process of its own on the service CPU, in a fresh directory."""
+    args = run.args
+    print(f"bench: chDB alone, {label} (g): {args.baseline_rows:,} rows, in a process of its own on CPU {SERVICE_CPU}",
+          flush=True)
+    sampler = CpuSampler({}).start()
+    try:
+        result = run_json_child(
+            ["taskset", "-c", SERVICE_CPU, sys.executable, str(BENCH / "baseline.py"), "chdb",
+             "--path", str(run.workdir / f"chdb-alone-{label}"), "--body", str(run.bodies.batch),
+             "--rows", str(args.baseline_rows)],
+            run.workdir / f"chdb-alone-{label}.log", timeout=900,
+        )
+    finally:
+        sampler.stop()
+    if result["count"] != result["rows"]:
+        run.anomalies.append(f"chDB alone, {label} (g): count() {result['count']} for {result['rows']} rows inserted")
+    return StoreAlone(result, {"cpu0": sampler.share("cpu0", result["started_at"], result["ended_at"])}, label)
+
+
 def run_embedded(run: Run) -> Embedded:
     args = run.args
+    before = chdb_alone(run, "before")
     data_dir = run.workdir / "embedded-data"
     service = start_clickpulse(
         "clickpulse (embedded chDB)", None, run.workdir, "clickpulse-embedded.stderr.log", cpu=SERVICE_CPU,
@@ -162,17 +183,5 @@ def run_embedded(run: Run) -> Embedded:
         exit_status,
     )
 
-    print(f"bench: chDB alone: {args.baseline_rows:,} rows, in a process of its own on CPU {SERVICE_CPU}", flush=True)
-    sampler = CpuSampler({}).start()
-    try:
-        result = run_json_child(
-            ["taskset", "-c", SERVICE_CPU, sys.executable, str(BENCH / "baseline.py"), "chdb",
-             "--path", str(run.workdir / "chdb-alone"), "--body", str(run.bodies.batch), "--rows", str(args.baseline_rows)],
-            run.workdir / "chdb-alone.log", timeout=900,
-        )
-    finally:
-        sampler.stop()
-    embedded.alone = StoreAlone(result, {"cpu0": sampler.share("cpu0", result["started_at"], result["ended_at"])})
-    if result["count"] != result["rows"]:
-        run.anomalies.append(f"chDB alone: count() {result['count']} for {result['rows']} rows inserted")
+    embedded.alones = [before, chdb_alone(run, "after")]
     return embedded

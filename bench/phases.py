@@ -8,6 +8,7 @@ import argparse
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -221,8 +222,11 @@ class Batches:
         return self.events.values["first_send"] + self.landed_seconds - self.events.values["last_response"]
 
 
-def run_batches(run: Run, memory: Clickpulse, acknowledged_before: int, with_segment: bool) -> Batches:
-    """(f) then (c) on the memory-ack clickpulse, which is SIGTERMed after (c); every row checked."""
+def run_batches(
+    run: Run, memory: Clickpulse, acknowledged_before: int, with_segment: bool, before_c: Callable[[], None] | None = None,
+) -> Batches:
+    """(f) then (c) on the memory-ack clickpulse, which is SIGTERMed after (c); every row checked.
+    `before_c` runs just before (c) (ClickHouse alone, the first time)."""
     args = run.args
     server = run.server
     assert server is not None
@@ -249,6 +253,8 @@ def run_batches(run: Run, memory: Clickpulse, acknowledged_before: int, with_seg
         run.phases.append(segment)
         acknowledged += segment.accepted_events
         rows_now = wait_for_rows(server, memory.database, acknowledged, 30.0)
+    if before_c is not None:
+        before_c()
     merge_wait = wait_merges_done(server)
     sampler = CpuSampler({"clickhouse": server.process.pid, "clickpulse": memory.pid}).start()
     # count() every 50 ms costs ClickHouse 5-8% of its insert rate on its one CPU: polled every
@@ -288,6 +294,14 @@ class StoreAlone:
     result: dict
     # CPU shares over the first insert → last answer: "cpu0", "cpu1" (busy, by anyone), "clickhouse"
     shares: dict[str, float] = field(default_factory=dict)
+    label: str = ""  # "before" or "after" the phase it is the baseline of
+
+    @property
+    def client_share(self) -> float:
+        """bench/baseline.py's own CPU time ÷ the insert window."""
+        seconds = float(self.result["seconds"])
+        used = self.result.get("client_cpu_seconds", self.result.get("cpu_seconds", 0.0))
+        return float(used) / seconds if seconds else 0.0
 
     @property
     def rate(self) -> float:
@@ -299,18 +313,18 @@ class StoreAlone:
         return self.shares.get("clickhouse", 0.0) * float(self.result["seconds"]) * 1e6 / int(self.result["rows"])
 
 
-def run_clickhouse_alone(run: Run, like_database: str) -> StoreAlone:
+def run_clickhouse_alone(run: Run, like_database: str, label: str) -> StoreAlone:
     """The same rows as 10k-row JSONEachRow inserts from one client pinned to the load CPU, into
-    a fresh table `AS` clickpulse's."""
+    a fresh table `AS` clickpulse's. Run before and after (c): the faster is the baseline."""
     server = run.server
     assert server is not None
-    database = "bench_clickhouse_alone"
+    database = f"bench_clickhouse_alone_{label}"
     server.query(f"CREATE DATABASE IF NOT EXISTS {database}")
     # With the settings clickpulse creates its table with (LowCardinality needs an opt-in before 19.x).
     settings = {name: str(value) for name, value in capabilities_for(run.clickhouse_version).create_settings.items()}
     server.query(f"CREATE TABLE {database}.{TABLE} AS {like_database}.{TABLE}", **settings)
     wait_merges_done(server)
-    print(f"bench: ClickHouse alone: {run.args.baseline_rows:,} rows into {database}.{TABLE} from CPU {LOAD_CPU}", flush=True)
+    print(f"bench: ClickHouse alone, {label} (c): {run.args.baseline_rows:,} rows into {database}.{TABLE} from CPU {LOAD_CPU}", flush=True)
     command = [
         "taskset", "-c", LOAD_CPU, sys.executable, str(BENCH / "baseline.py"), "clickhouse",
         "--url", server.url, "--database", database, "--body", str(run.bodies.batch),
@@ -318,11 +332,11 @@ def run_clickhouse_alone(run: Run, like_database: str) -> StoreAlone:
     ]
     sampler = CpuSampler({"clickhouse": server.process.pid}).start()
     try:
-        result = run_json_child(command, run.workdir / "clickhouse-alone.log", timeout=600)
+        result = run_json_child(command, run.workdir / f"clickhouse-alone-{label}.log", timeout=600)
     finally:
         sampler.stop()
     window = (result["started_at"], result["ended_at"])
-    alone = StoreAlone(result, {label: sampler.share(label, *window) for label in ("cpu0", "cpu1", "clickhouse")})
+    alone = StoreAlone(result, {cpu: sampler.share(cpu, *window) for cpu in ("cpu0", "cpu1", "clickhouse")}, label)
     if result["count"] != result["rows"]:
         run.anomalies.append(f"ClickHouse alone: count() {result['count']} for {result['rows']} rows inserted")
     return alone

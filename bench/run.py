@@ -13,11 +13,12 @@ process; the services under test run on CPU 0, one under load at a time. The par
             clickpulse: CPU us/event <= 2.5 each, beside the floor (plain msgspec decode + encode
             of the same bodies, in this process on CPU 0)
   landed    (c)'s events/s landed in ClickHouse >= 0.8x ClickHouse alone ingesting the same rows
-            (bench/baseline.py clickhouse)
+            (bench/baseline.py clickhouse, before and after (c): the faster)
   soak      --soak-seconds of single events at 80% of (b)'s rate: VmRSS after 60 s within ±10%
             of its value at 60 s, p99 quoted, the curve as an SVG
   embedded  (g) the embedded default (chDB in-process, no CLICKHOUSE_DSN), wrk and clickpulse on
-            CPU 0: events/s landed >= 0.8x chDB alone on the same core (bench/baseline.py chdb);
+            CPU 0: events/s landed >= 0.8x chDB alone on the same core (bench/baseline.py chdb,
+            before and after (g): the faster);
             peak RSS and what it is made of
 
 Every acknowledged event must be a row: each clickpulse is SIGTERMed and its rows counted. Exit
@@ -172,9 +173,18 @@ def main(argv: list[str] | None = None) -> int:
             acknowledged = parts.single.memory_acknowledged if parts.single else 0
             if parts.single is None:
                 memory.wait_ready()
-            parts.batches = phases.run_batches(run, memory, acknowledged, with_segment="batch" in args.parts)
-            if "landed" in args.parts:
-                parts.clickhouse_alone = phases.run_clickhouse_alone(run, memory.database)
+            landed = "landed" in args.parts
+            alones = parts.clickhouse_alone
+
+            def clickhouse_alone_before() -> None:
+                alones.append(phases.run_clickhouse_alone(run, memory.database, "before"))
+
+            parts.batches = phases.run_batches(
+                run, memory, acknowledged, with_segment="batch" in args.parts,
+                before_c=clickhouse_alone_before if landed else None,
+            )
+            if landed:
+                alones.append(phases.run_clickhouse_alone(run, memory.database, "after"))
         elif memory is not None:
             memory.stop(run.anomalies)
             acknowledged = parts.single.memory_acknowledged if parts.single else 0
