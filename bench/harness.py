@@ -483,6 +483,23 @@ def wait_for_rows(server: ClickHouseServer, database: str, expected: int, timeou
     return count
 
 
+def settle_merges(server: ClickHouseServer, timeout: float = 120.0) -> float:
+    """Merges every bench table's parts now (OPTIMIZE … FINAL, which waits for its merge), then
+    waits until no merge runs: otherwise the parts earlier phases left (hundreds of 1,000- and
+    10,000-row inserts) are merged in the background during the next measured ingest, on
+    ClickHouse's CPU. Returns the seconds it took."""
+    started = time.monotonic()
+    tables = server.query(
+        f"SELECT database, name FROM system.tables WHERE database LIKE 'bench%' AND name = '{TABLE}'"
+    ).split("\n")
+    for line in tables:
+        if line.strip():
+            database, name = line.split("\t")
+            server.query(f"OPTIMIZE TABLE {database}.{name} FINAL")
+    wait_merges_done(server, timeout)
+    return time.monotonic() - started
+
+
 def wait_merges_done(server: ClickHouseServer, timeout: float = 60.0) -> float:
     """Waits until ClickHouse runs no merge for half a second, so that what one phase left to
     merge does not take CPU 1 from the next; returns the seconds waited."""

@@ -17,7 +17,7 @@ from bodies import Bodies
 from harness import (
     BENCH, LOAD_CPU, ROOT, SERVICE_CPU, STOP_SECONDS, TABLE, Clickpulse, CpuSampler, PhaseResult, RowPoller, child_env,
     count_rows, filesystem_of, free_port, http_status, ratio, run_json_child, run_wrk, start_clickpulse, tail,
-    wait_for_rows, wait_merges_done, wait_until,
+    settle_merges, wait_for_rows, wait_until,
 )
 from clickpulse.schema import capabilities_for
 from tests.servers import ClickHouseServer
@@ -244,7 +244,7 @@ def run_batches(
             f"{floors.segment_us:.2f} us/event; clickpulse's /events code in-process {floors.clickpulse_events_us:.2f} us/event",
             flush=True,
         )
-        wait_merges_done(server)
+        settle_merges(server)
         segment = run_wrk(
             f"(f) clickpulse, /v1/batch, {args.batch_events}-message batches", f"{memory.url}/v1/batch",
             run.bodies.segment, args.batch_connections, args.batch_duration, args.batch_events, memory.pid,
@@ -255,7 +255,7 @@ def run_batches(
         rows_now = wait_for_rows(server, memory.database, acknowledged, 30.0)
     if before_c is not None:
         before_c()
-    merge_wait = wait_merges_done(server)
+    merge_wait = settle_merges(server)
     sampler = CpuSampler({"clickhouse": server.process.pid, "clickpulse": memory.pid}).start()
     # count() every 50 ms costs ClickHouse 5-8% of its insert rate on its one CPU: polled every
     # 0.5 s while wrk sends, every 50 ms after, when only the last batches are still landing.
@@ -323,7 +323,7 @@ def run_clickhouse_alone(run: Run, like_database: str, label: str) -> StoreAlone
     # With the settings clickpulse creates its table with (LowCardinality needs an opt-in before 19.x).
     settings = {name: str(value) for name, value in capabilities_for(run.clickhouse_version).create_settings.items()}
     server.query(f"CREATE TABLE {database}.{TABLE} AS {like_database}.{TABLE}", **settings)
-    wait_merges_done(server)
+    settle_merges(server)
     print(f"bench: ClickHouse alone, {label} (c): {run.args.baseline_rows:,} rows into {database}.{TABLE} from CPU {LOAD_CPU}", flush=True)
     command = [
         "taskset", "-c", LOAD_CPU, sys.executable, str(BENCH / "baseline.py"), "clickhouse",

@@ -105,7 +105,8 @@ def print_batches(batches: Batches, alones: list[StoreAlone]) -> None:
         )
     shares = batches.landed_shares
     print(
-        f"  (c) implied one-core capacity {fmt_int(ratio(1e6, c.cpu_us_per_event))} events/s (1e6 / us/event)"
+        f"  (c) implied one-core capacity {fmt_int(ratio(1e6, c.cpu_us_per_event))} events/s (1e6 / us/event); "
+        f"before (c), ClickHouse merged what earlier phases left for {batches.merge_wait_seconds:.1f} s"
     )
     print(
         f"  (c) landed {fmt_int(batches.landed_rows)} rows in {batches.landed_seconds:.2f} s (first request → count() "
@@ -292,13 +293,12 @@ def summary(run: Run, parts: Parts) -> list[list[str]]:
         per_row = clickhouse * batches.landed_seconds * 1e6 / batches.landed_rows if batches.landed_rows else 0.0
         reasons = []
         if load_busy >= BOUND:
-            # ClickHouse is the bottleneck on a busy CPU 1: say who else took it.
-            who = [f"wrk {c.wrk_share:.0%}"] + ([f"others {others:.0%}"] if others > OTHERS_CPU_WARNING else [])
-            sharer = "wrk" if c.wrk_share >= others else "other processes"
+            # ClickHouse is the bottleneck on a busy CPU 1: say who else took it, if anyone did.
+            sharers = [(f"wrk {c.wrk_share:.0%}", c.wrk_share), (f"other processes {others:.0%}", others)]
+            sharing = [text for text, share in sharers if share > OTHERS_CPU_WARNING]
             reasons.append(
-                f"ClickHouse-bound on a shared CPU {LOAD_CPU}: it got {clickhouse:.0%} ({', '.join(who)}; run.py's "
-                f"count() polls inside ClickHouse's share) against {alone_share:.0%} alone; CPU {LOAD_CPU} shared with "
-                f"{sharer}"
+                f"ClickHouse-bound: it had {clickhouse:.0%} of CPU {LOAD_CPU} against {alone_share:.0%} alone"
+                + (f", sharing it with {' and '.join(sharing)}" if sharing else "")
             )
         if server >= BOUND:
             reasons.append(f"server CPU {server:.0%}: clickpulse-bound")
@@ -307,7 +307,10 @@ def summary(run: Run, parts: Parts) -> list[list[str]]:
                 f"neither CPU saturated (clickpulse {server:.0%} of CPU {SERVICE_CPU}, CPU {LOAD_CPU} {load_busy:.0%} "
                 f"busy, ClickHouse {clickhouse:.0%} against {alone_share:.0%} alone)"
             )
-        reasons.append(f"ClickHouse CPU {per_row:.2f} us/row against {alone.clickhouse_us_per_row:.2f} alone")
+        reasons.append(
+            f"ClickHouse CPU {per_row:.2f} us/row (run.py's count() polls included) against "
+            f"{alone.clickhouse_us_per_row:.2f} alone"
+        )
         reasons.append(f"{batches.last_row_after_last_answer:.2f} s of the {batches.landed_seconds:.2f} s waited for the "
                        "last partial batch")
         alone_others = max(0.0, alone.shares.get("cpu1", 0.0) - alone_share - alone.client_share)
@@ -362,13 +365,18 @@ def summary(run: Run, parts: Parts) -> list[list[str]]:
             reasons.append(f"RSS grew to {soak.high:+.0%} of its value at {soak.reference_seconds:.0f} s")
         if soak.low < -TOLERANCE:
             reasons.append(f"RSS fell to {soak.low:+.0%} of its value at {soak.reference_seconds:.0f} s")
+        if reasons and soak.after:
+            reasons.append(
+                f"it swung {min(soak.after) / 1024:.0f}-{max(soak.after) / 1024:.0f} MiB; the last minute's median is "
+                f"{soak.last_minute_median / soak.reference_kib - 1:+.0%} of it"
+            )
         if not soak.after:
             reasons.append("no samples after the reference time")
         shortfall = soak.achieved_rate < 0.95 * soak.rate
         rows.append([
             f"6. memory flat: soak {soak.phase.window:.0f} s at {fmt_int(soak.achieved_rate)} req/s, "
             f"p99 {fmt_ms(soak.phase.values['p99_us'])}",
-            f"VmRSS {soak.low:+.1%} .. {soak.high:+.1%}",
+            f"VmRSS {soak.low:+.1%} .. {soak.high:+.1%} (last minute's median {soak.last_minute_median / soak.reference_kib - 1:+.1%})",
             f"VmRSS at {soak.reference_seconds:.0f} s {soak.reference_kib / 1024:.0f} MiB",
             f"within ±{TOLERANCE:.0%}",
             verdict(soak.flat, "; ".join(reasons))

@@ -49,6 +49,13 @@ class Soak:
         return self.after[-1] / self.reference_kib - 1 if self.after else 0.0
 
     @property
+    def last_minute_median(self) -> float:
+        """The median VmRSS of the last 60 s: whether the curve drifts, whatever its swings."""
+        end = self.samples[-1][0] if self.samples else 0.0
+        last = sorted(kib for at, kib in self.samples if at >= end - 60)
+        return float(last[len(last) // 2]) if last else 0.0
+
+    @property
     def flat(self) -> bool:
         return bool(self.after) and -TOLERANCE <= self.low and self.high <= TOLERANCE
 
