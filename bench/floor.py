@@ -24,6 +24,7 @@ from datetime import datetime
 import msgspec
 
 from bodies import EventsRows
+from harness import CLOCK_TICKS, cpu_times
 
 PropertyValue = str | int | float | bool
 
@@ -58,6 +59,7 @@ class Floors:
     segment_us: float  # plain msgspec, /v1/batch body
     clickpulse_events_us: float  # clickpulse's own /events decode + encode + splice, in-process
     cpu: str
+    others_share: float = 0.0  # share of `cpu` other processes used while it was measured
 
 
 def best_us_per_event(work, events: int, repeats: int = 11, min_seconds: float = 0.1) -> float:
@@ -100,8 +102,10 @@ def measure(events_body: bytes, segment_body: bytes, cpu: str) -> Floors:
 
     affinity = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {int(cpu)})
+    busy_before, _, _ = cpu_times(cpu)
+    started, own_started = time.monotonic(), time.thread_time()
     try:
-        return Floors(
+        floors = Floors(
             events_us=best_us_per_event(plain_events, count),
             segment_us=best_us_per_event(plain_segment, segment_count),
             clickpulse_events_us=best_us_per_event(clickpulse_events, count),
@@ -109,3 +113,7 @@ def measure(events_body: bytes, segment_body: bytes, cpu: str) -> Floors:
         )
     finally:
         os.sched_setaffinity(0, affinity)
+    busy_after, _, _ = cpu_times(cpu)
+    wall, own = time.monotonic() - started, time.thread_time() - own_started
+    floors.others_share = max(0.0, (busy_after - busy_before) / CLOCK_TICKS - own) / wall if wall > 0 else 0.0
+    return floors

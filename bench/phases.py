@@ -15,7 +15,7 @@ from pathlib import Path
 import floor
 from bodies import Bodies
 from harness import (
-    BENCH, LOAD_CPU, ROOT, SERVICE_CPU, STOP_SECONDS, TABLE, Clickpulse, CpuSampler, PhaseResult, RowPoller, child_env,
+    BENCH, LOAD_CPU, OTHERS_CPU_WARNING, ROOT, SERVICE_CPU, STOP_SECONDS, TABLE, Clickpulse, CpuSampler, PhaseResult, RowPoller, child_env,
     count_rows, filesystem_of, free_port, http_status, ratio, run_json_child, run_wrk, start_clickpulse, tail,
     settle_merges, wait_for_rows, wait_until,
 )
@@ -244,6 +244,11 @@ def run_batches(
             f"{floors.segment_us:.2f} us/event; clickpulse's /events code in-process {floors.clickpulse_events_us:.2f} us/event",
             flush=True,
         )
+        if floors.others_share > OTHERS_CPU_WARNING:
+            run.anomalies.append(
+                f"the floor was measured while other processes used {floors.others_share:.0%} of CPU {SERVICE_CPU}: "
+                "it is overstated"
+            )
         settle_merges(server)
         segment = run_wrk(
             f"(f) clickpulse, /v1/batch, {args.batch_events}-message batches", f"{memory.url}/v1/batch",
