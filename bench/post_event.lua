@@ -3,7 +3,14 @@
 --
 -- Environment:
 --   BENCH_BODY_FILE  path of the request body (written by bench/run.py)
---   BENCH_AUTHORIZATION  optional Authorization header value (bench/edge_overhead.py: a keyed request)
+--   BENCH_AUTHORIZATION  optional Authorization header value (phase (e): a keyed request)
+--   BENCH_ORIGIN     optional Origin header value (phase (e): a browser page on an allowed origin)
+--   BENCH_USER_AGENT optional User-Agent header value (phase (e): what enrichment records)
+--   BENCH_EVENTS_PER_REQUEST  events a 2xx answer counts for when it does not say (`"accepted": N`
+--                    does): 1 by default; /v1/batch answers {"success":true} for a whole batch
+--   BENCH_RATE       optional requests per second to pace to, all connections together (the
+--                    soak): delay() hands each request the next slot of a fixed schedule, so the
+--                    rate holds whatever the latency; unset, every connection sends at once
 --   BENCH_SECONDS    how long to send; afterwards no new request is sent, so that every request
 --                    already sent gets its answer before wrk's own -d ends (run.py adds a drain
 --                    tail to -d). Without this, wrk would cut requests the server has already
@@ -41,10 +48,20 @@ local window = tonumber(os.getenv("BENCH_SECONDS") or "10")
 wrk.method = "POST"
 wrk.body = body
 wrk.headers["Content-Type"] = "application/json"
-local authorization = os.getenv("BENCH_AUTHORIZATION")
-if authorization and authorization ~= "" then
-  wrk.headers["Authorization"] = authorization
+local optional_headers = {
+  Authorization = "BENCH_AUTHORIZATION",
+  Origin = "BENCH_ORIGIN",
+  ["User-Agent"] = "BENCH_USER_AGENT",
+}
+for header, variable in pairs(optional_headers) do
+  local value = os.getenv(variable)
+  if value and value ~= "" then
+    wrk.headers[header] = value
+  end
 end
+local events_per_request = tonumber(os.getenv("BENCH_EVENTS_PER_REQUEST") or "1")
+local rate = tonumber(os.getenv("BENCH_RATE") or "0")
+local interval = rate > 0 and 1 / rate or 0
 
 -- Per-thread state (each wrk thread has its own Lua state; done() reads it through thread:get).
 sent = 0
@@ -57,6 +74,8 @@ last_send = 0
 last_response = 0
 statuses = {}
 stopped = false
+next_slot = 0  -- BENCH_RATE: when the next request is due (CLOCK_MONOTONIC seconds)
+late = 0  -- BENCH_RATE: requests sent more than 10 ms after their slot (the server fell behind)
 
 local NEVER_MS = 1e9
 
@@ -73,7 +92,23 @@ function delay()
   end
   sent = sent + 1
   last_send = t
-  return 0
+  if interval == 0 then
+    return 0
+  end
+  -- One schedule for the thread (wrk has one Lua state per thread, not per connection): each
+  -- request takes the next slot; a connection whose slot is ahead waits for it.
+  if next_slot == 0 then
+    next_slot = t
+  end
+  local slot = next_slot
+  next_slot = slot + interval
+  if slot <= t then
+    if t - slot > 0.01 then
+      late = late + 1
+    end
+    return 0
+  end
+  return (slot - t) * 1000
 end
 
 function response(status, headers, response_body)
@@ -84,7 +119,7 @@ function response(status, headers, response_body)
     ok2xx = ok2xx + 1
     -- a batch answer says how many events it accepted; a single-event answer does not
     local accepted = string.match(response_body, '"accepted"%s*:%s*(%d+)')
-    accepted_events = accepted_events + (accepted and tonumber(accepted) or 1)
+    accepted_events = accepted_events + (accepted and tonumber(accepted) or events_per_request)
   else
     non2xx = non2xx + 1
   end
@@ -97,7 +132,7 @@ function setup(thread)
 end
 
 function done(summary, latency, requests)
-  local totals = { sent = 0, responses = 0, ok2xx = 0, non2xx = 0, accepted_events = 0 }
+  local totals = { sent = 0, responses = 0, ok2xx = 0, non2xx = 0, accepted_events = 0, late = 0 }
   local first, last_sent, last_resp = nil, 0, 0
   local by_status = {}
   for _, thread in ipairs(threads) do
@@ -121,6 +156,7 @@ function done(summary, latency, requests)
     string.format("ok2xx=%d", totals.ok2xx),
     string.format("non2xx=%d", totals.non2xx),
     string.format("accepted_events=%d", totals.accepted_events),
+    string.format("late=%d", totals.late),
     string.format("first_send=%.6f", first or 0),
     string.format("last_send=%.6f", last_sent),
     string.format("last_response=%.6f", last_resp),
