@@ -12,6 +12,7 @@ non-zero so the orchestrator restarts it, rather than answering 202 while nothin
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from collections.abc import Callable, Coroutine, Mapping
@@ -427,6 +428,10 @@ async def serve(config: Config) -> int:
     """Runs until SIGTERM/SIGINT or an actor failure; returns the process exit status."""
     service = Service(config)
     await service.start()
+    # What exists now (modules, the app, the pipeline) lives as long as the process: out of the
+    # collector's sight, a full collection no longer walks it. Measured under wrk: the collector
+    # took ~2 µs of every single-event request, against none in a bare aiohttp handler.
+    gc.freeze()
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
