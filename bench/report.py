@@ -363,9 +363,9 @@ def summary(run: Run, parts: Parts) -> list[list[str]]:
     if soak is not None and soak.samples:
         reasons = []
         if soak.high > TOLERANCE:
-            reasons.append(f"RSS grew to {soak.high:+.0%} of its value at {soak.reference_seconds:.0f} s")
+            reasons.append(f"RSS grew to {soak.high:+.0%} of its level at {soak.reference_seconds:.0f} s")
         if soak.low < -TOLERANCE:
-            reasons.append(f"RSS fell to {soak.low:+.0%} of its value at {soak.reference_seconds:.0f} s")
+            reasons.append(f"RSS fell to {soak.low:+.0%} of its level at {soak.reference_seconds:.0f} s")
         if reasons and soak.after:
             reasons.append(
                 f"it swung {min(soak.after) / 1024:.0f}-{max(soak.after) / 1024:.0f} MiB; the last minute's median is "
@@ -378,7 +378,7 @@ def summary(run: Run, parts: Parts) -> list[list[str]]:
             f"6. memory flat: soak {soak.phase.window:.0f} s at {fmt_int(soak.achieved_rate)} req/s, "
             f"p99 {fmt_ms(soak.phase.values['p99_us'])}",
             f"VmRSS {soak.low:+.1%} .. {soak.high:+.1%} (last minute's median {soak.last_minute_median / soak.reference_kib - 1:+.1%})",
-            f"VmRSS at {soak.reference_seconds:.0f} s {soak.reference_kib / 1024:.0f} MiB",
+            f"VmRSS around {soak.reference_seconds:.0f} s (median) {soak.reference_kib / 1024:.0f} MiB",
             f"within ±{TOLERANCE:.0%}",
             verdict(soak.flat, "; ".join(reasons))
             + (f" (but only {fmt_int(soak.achieved_rate)} of {fmt_int(soak.rate)} req/s achieved)" if shortfall else ""),
