@@ -12,12 +12,12 @@ import time
 from dataclasses import dataclass, field
 
 from harness import (
+    ROWS_WRITTEN,
     BENCH, CLOCK_TICKS, LOAD_CPU, ROOT, SERVICE_CPU, CpuSampler, PhaseResult, RowPoller, child_env, http_request, metric_value,
     ratio, run_json_child, run_wrk, start_clickpulse, status_kib, thread_ticks,
 )
 from phases import Run, StoreAlone
 
-ROWS_WRITTEN = "clickhouse_rows_written_total"
 
 
 @dataclass

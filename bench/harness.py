@@ -455,6 +455,9 @@ def start_clickpulse(
     return Clickpulse(label, process, f"http://127.0.0.1:{port}", database, log)
 
 
+ROWS_WRITTEN = "clickhouse_rows_written_total"  # clickpulse's count of rows ClickHouse confirmed
+
+
 def metric_value(url: str, name: str) -> float | None:
     """One unlabelled sample of clickpulse's /metrics, or None if it cannot be read."""
     status, body = http_request(f"{url}/metrics", timeout=5.0)

@@ -109,8 +109,8 @@ def print_batches(batches: Batches, alones: list[StoreAlone]) -> None:
         f"before (c), ClickHouse merged what earlier phases left for {batches.merge_wait_seconds:.1f} s"
     )
     print(
-        f"  (c) landed {fmt_int(batches.landed_rows)} rows in {batches.landed_seconds:.2f} s (first request → count() "
-        f"first showing the last row, polled every 0.5 s while sending, 50 ms after) = {fmt_int(batches.landed_rate)} rows/s; the last row came "
+        f"  (c) landed {fmt_int(batches.landed_rows)} rows in {batches.landed_seconds:.2f} s (first request → clickpulse's "
+        f"clickhouse_rows_written_total showing the last row, polled every 0.5 s while sending, 50 ms after) = {fmt_int(batches.landed_rate)} rows/s; the last row came "
         f"{batches.last_row_after_last_answer:.2f} s after the last answer (the last partial batch waits up to "
         "FLUSH_INTERVAL)"
     )
@@ -118,7 +118,7 @@ def print_batches(batches: Batches, alones: list[StoreAlone]) -> None:
         f"  over that window: clickpulse {shares.get('clickpulse', 0):.0%} of CPU {SERVICE_CPU} (busy "
         f"{shares.get('cpu0', 0):.0%} by anyone); CPU {LOAD_CPU} busy {shares.get('cpu1', 0):.0%}: ClickHouse "
         f"{shares.get('clickhouse', 0):.0%} ({ratio(shares.get('clickhouse', 0) * batches.landed_seconds * 1e6, batches.landed_rows):.2f} "
-        f"us/row, count() polls included), wrk {c.wrk_share:.0%}"
+        f"us/row), wrk {c.wrk_share:.0%}"
     )
     for alone in alones:
         result = alone.result
@@ -309,7 +309,7 @@ def summary(run: Run, parts: Parts) -> list[list[str]]:
                 f"busy, ClickHouse {clickhouse:.0%} against {alone_share:.0%} alone)"
             )
         reasons.append(
-            f"ClickHouse CPU {per_row:.2f} us/row (run.py's count() polls included) against "
+            f"ClickHouse CPU {per_row:.2f} us/row against "
             f"{alone.clickhouse_us_per_row:.2f} alone"
         )
         reasons.append(f"{batches.last_row_after_last_answer:.2f} s of the {batches.landed_seconds:.2f} s waited for the "
