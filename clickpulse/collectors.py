@@ -33,11 +33,8 @@ class _FastValues:
         self._keys: dict[LabelKey, LabelKey] = {}
 
     def key_of(self, labels: dict[str, str]) -> LabelKey:
-        """The store's key for `labels`, checked: for a caller that updates the same series on
-        every request and keeps the key (`add_at`, `observe_at`) instead of a dict."""
-        return self._key(labels)
-
-    def _key(self, labels: dict[str, str]) -> LabelKey:
+        """The store's key for `labels`, checked; a caller that updates the same series on every
+        request may keep it (`add_at`, `observe_at`) instead of passing a dict."""
         if not labels:
             return ()
         items = tuple(labels.items())
@@ -48,10 +45,10 @@ class _FastValues:
         return key
 
     def set_value(self, labels: dict[str, str], value: Any) -> None:
-        self._store[self._key(labels)] = value
+        self._store[self.key_of(labels)] = value
 
     def get_value(self, labels: dict[str, str]) -> Any:
-        return self._store[self._key(labels)]
+        return self._store[self.key_of(labels)]
 
     def get_all(self) -> list[tuple[dict[str, str], Any]]:
         return [(dict(key), self.get(dict(key))) for key in list(self._store)]  # type: ignore[attr-defined]
@@ -65,7 +62,7 @@ class Counter(_FastValues, _Counter):
     def add(self, labels: dict[str, str], value: float) -> None:  # type: ignore[override]  # numbers only: aioprometheus's value type also admits its histogram and quantile objects
         if value < 0:
             raise ValueError("Counters can't decrease")
-        key = self._key(labels)
+        key = self.key_of(labels)
         self._store[key] = self._store.get(key, 0) + value
 
     def add_at(self, key: LabelKey, value: float) -> None:
@@ -83,10 +80,10 @@ class Gauge(_FastValues, _Gauge):
         super().__init__(*args, **kwargs)
 
     def set(self, labels: dict[str, str], value: float) -> None:  # type: ignore[override]  # numbers only: aioprometheus's value type also admits its histogram and quantile objects
-        self._store[self._key(labels) if labels else ()] = value
+        self._store[self.key_of(labels) if labels else ()] = value
 
     def add(self, labels: dict[str, str], value: float) -> None:  # type: ignore[override]  # numbers only: aioprometheus's value type also admits its histogram and quantile objects
-        key = self._key(labels)
+        key = self.key_of(labels)
         self._store[key] = self._store.get(key, 0) + value
 
 
@@ -110,10 +107,10 @@ class Histogram(_FastValues, _Histogram):
 
     def zero(self, labels: dict[str, str]) -> None:
         """Makes the series exist with no observations, so rate() sees the first one."""
-        self._store.setdefault(self._key(labels), _HistogramState(len(self._bounds)))
+        self._store.setdefault(self.key_of(labels), _HistogramState(len(self._bounds)))
 
     def add(self, labels: dict[str, str], value: float) -> None:  # type: ignore[override]  # numbers only: aioprometheus's value type also admits its histogram and quantile objects
-        self.observe_at(self._key(labels), value)
+        self.observe_at(self.key_of(labels), value)
 
     def observe_at(self, key: LabelKey, value: float) -> None:
         """`observe` for a key from `key_of`."""

@@ -202,11 +202,7 @@ class EventDecoder:
                 self._check_range(created_at, index, batch)
         if any(map(str.isspace, map(_EVENT_TYPE, events))) or any(map(str.isspace, map(_SOURCE, events))):
             for index, event in enumerate(events):
-                if event.event_type.isspace() or event.source.isspace():
-                    field = "event_type" if event.event_type.isspace() else "source"
-                    raise msgspec.ValidationError(
-                        f"Expected `str` that is not blank - at `{_event_path(index, batch)}.{field}`"
-                    )
+                self._check_not_blank(event, index, batch)
         with_properties = [event for event in events if event.properties is not None]
         without_id = [event for event in events if event.event_id is None]
         if stamp is not None:
@@ -229,9 +225,7 @@ class EventDecoder:
     def _complete_one(self, event: Event, batch: bool, stamp: RowStamp | None) -> None:
         if not 1970 < event.created_at.year < 2105:
             self._check_range(event.created_at, 0, batch)
-        if event.event_type.isspace() or event.source.isspace():
-            field = "event_type" if event.event_type.isspace() else "source"
-            raise msgspec.ValidationError(f"Expected `str` that is not blank - at `{_event_path(0, batch)}.{field}`")
+        self._check_not_blank(event, 0, batch)
         if stamp is not None:
             event.received_at = stamp.received_at  # type: ignore[assignment]  # the encoder takes the Raw
             event.context = stamp.context  # type: ignore[assignment]
@@ -241,6 +235,12 @@ class EventDecoder:
             event.properties = self._properties_encoder.encode(event.properties).decode()  # type: ignore[assignment]
         if event.event_id is None:
             event.event_id = self._ids.one()  # type: ignore[assignment]
+
+    @staticmethod
+    def _check_not_blank(event: Event, index: int, batch: bool) -> None:
+        if event.event_type.isspace() or event.source.isspace():
+            field = "event_type" if event.event_type.isspace() else "source"
+            raise msgspec.ValidationError(f"Expected `str` that is not blank - at `{_event_path(index, batch)}.{field}`")
 
     @staticmethod
     def _check_range(created_at: datetime, index: int, batch: bool) -> None:
