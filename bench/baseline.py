@@ -6,7 +6,8 @@
 Both first make at least `--rows` rows, the exact JSONEachRow lines clickpulse's POST /events
 makes of the body in FILE (bench/bodies.py `EventsRows`: clickpulse's decoder, encoder and
 enrichment; fresh event_ids for every repetition of the body), cut into `--rows-per-insert`-row
-inserts (default 10,000, clickpulse's default BATCH_SIZE), with the insert settings clickpulse
+inserts (default 10,000, the issue's baseline; bench/run.py also runs one at clickpulse's default
+BATCH_SIZE, as a reference), with the insert settings clickpulse
 sends (clickpulse.clickhouse.INSERT_SETTINGS, and an insert_deduplication_token where the
 server takes one, as the Writer does). Then, and only then, the clock starts:
 

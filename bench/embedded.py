@@ -16,7 +16,7 @@ from harness import (
     BENCH, CLOCK_TICKS, LOAD_CPU, ROOT, SERVICE_CPU, CpuSampler, PhaseResult, RowPoller, child_env, http_request, metric_value,
     ratio, run_json_child, run_wrk, start_clickpulse, status_kib, thread_ticks,
 )
-from phases import Run, StoreAlone
+from phases import BASELINE_ROWS_PER_INSERT, CLICKPULSE_ROWS_PER_INSERT, Run, StoreAlone
 
 
 
@@ -80,6 +80,7 @@ class Embedded:
     top_threads: list[tuple[str, float]]
     exit_status: int | None
     alones: list[StoreAlone] = field(default_factory=list)  # chDB alone before and after (g)
+    reference: StoreAlone | None = None  # chDB alone in BATCH_SIZE-row inserts, not the baseline
     chdb_version: str = ""
     notes: list[str] = field(default_factory=list)
 
@@ -100,17 +101,17 @@ def count_after_exit(run: Run, data_dir) -> int | None:
     return int(completed.stdout.strip())
 
 
-def chdb_alone(run: Run, label: str) -> StoreAlone:
+def chdb_alone(run: Run, label: str, rows_per_insert: int = BASELINE_ROWS_PER_INSERT) -> StoreAlone:
     """chDB alone, in a process of its own on the service CPU, in a fresh directory."""
     args = run.args
-    print(f"bench: chDB alone, {label} (g): {args.baseline_rows:,} rows, in a process of its own on CPU {SERVICE_CPU}",
-          flush=True)
+    print(f"bench: chDB alone, {label} (g): {args.baseline_rows:,} rows in {rows_per_insert:,}-row inserts, "
+          f"in a process of its own on CPU {SERVICE_CPU}", flush=True)
     sampler = CpuSampler({}).start()
     try:
         result = run_json_child(
             ["taskset", "-c", SERVICE_CPU, sys.executable, str(BENCH / "baseline.py"), "chdb",
              "--path", str(run.workdir / f"chdb-alone-{label}"), "--body", str(run.bodies.batch),
-             "--rows", str(args.baseline_rows)],
+             "--rows", str(args.baseline_rows), "--rows-per-insert", str(rows_per_insert)],
             run.workdir / f"chdb-alone-{label}.log", timeout=900,
         )
     finally:
@@ -184,4 +185,6 @@ def run_embedded(run: Run) -> Embedded:
     )
 
     embedded.alones = [before, chdb_alone(run, "after")]
+    if CLICKPULSE_ROWS_PER_INSERT != BASELINE_ROWS_PER_INSERT:
+        embedded.reference = chdb_alone(run, "batch-size", CLICKPULSE_ROWS_PER_INSERT)
     return embedded

@@ -19,6 +19,7 @@ from harness import (
     ROWS_WRITTEN, count_rows, filesystem_of, free_port, http_status, metric_value, ratio, run_json_child, run_wrk,
     start_clickpulse, tail, settle_merges, wait_for_rows, wait_until,
 )
+from clickpulse.config import Config
 from clickpulse.schema import capabilities_for
 from tests.servers import ClickHouseServer
 from tests.support import stop_process
@@ -325,9 +326,16 @@ class StoreAlone:
         return self.shares.get("clickhouse", 0.0) * float(self.result["seconds"]) * 1e6 / int(self.result["rows"])
 
 
-def run_clickhouse_alone(run: Run, like_database: str, label: str) -> StoreAlone:
-    """The same rows as 10k-row JSONEachRow inserts from one client pinned to the load CPU, into
-    a fresh table `AS` clickpulse's. Run before and after (c): the faster is the baseline."""
+BASELINE_ROWS_PER_INSERT = 10_000  # the issue's baseline: 10k-row JSONEachRow inserts
+CLICKPULSE_ROWS_PER_INSERT = Config().batch_size  # clickpulse's default BATCH_SIZE: a reference beside it
+
+
+def run_clickhouse_alone(
+    run: Run, like_database: str, label: str, rows_per_insert: int = BASELINE_ROWS_PER_INSERT,
+) -> StoreAlone:
+    """The same rows as `rows_per_insert`-row JSONEachRow inserts from one client pinned to the
+    load CPU, into a fresh table `AS` clickpulse's. Run before and after (c) in 10k-row inserts:
+    the faster is the baseline; once in BATCH_SIZE-row inserts, as a reference."""
     server = run.server
     assert server is not None
     database = f"bench_clickhouse_alone_{label}"
@@ -336,11 +344,12 @@ def run_clickhouse_alone(run: Run, like_database: str, label: str) -> StoreAlone
     settings = {name: str(value) for name, value in capabilities_for(run.clickhouse_version).create_settings.items()}
     server.query(f"CREATE TABLE {database}.{TABLE} AS {like_database}.{TABLE}", **settings)
     settle_merges(server)
-    print(f"bench: ClickHouse alone, {label} (c): {run.args.baseline_rows:,} rows into {database}.{TABLE} from CPU {LOAD_CPU}", flush=True)
+    print(f"bench: ClickHouse alone, {label} (c): {run.args.baseline_rows:,} rows in {rows_per_insert:,}-row inserts "
+          f"into {database}.{TABLE} from CPU {LOAD_CPU}", flush=True)
     command = [
         "taskset", "-c", LOAD_CPU, sys.executable, str(BENCH / "baseline.py"), "clickhouse",
         "--url", server.url, "--database", database, "--body", str(run.bodies.batch),
-        "--rows", str(run.args.baseline_rows),
+        "--rows", str(run.args.baseline_rows), "--rows-per-insert", str(rows_per_insert),
     ]
     sampler = CpuSampler({"clickhouse": server.process.pid}).start()
     try:

@@ -24,6 +24,7 @@ class Parts:
     single: Single | None = None
     batches: Batches | None = None
     clickhouse_alone: list[StoreAlone] = field(default_factory=list)  # before and after (c)
+    clickhouse_reference: StoreAlone | None = None  # ClickHouse alone in BATCH_SIZE-row inserts
     embedded: Embedded | None = None
     soak: Soak | None = None
 
@@ -85,7 +86,7 @@ def print_rounds(single: Single) -> None:
         )
 
 
-def print_batches(batches: Batches, alones: list[StoreAlone]) -> None:
+def print_batches(batches: Batches, alones: list[StoreAlone], reference: StoreAlone | None = None) -> None:
     c, f, floors = batches.events, batches.segment, batches.floors
     print("batches:")
     if floors is not None:
@@ -120,10 +121,13 @@ def print_batches(batches: Batches, alones: list[StoreAlone]) -> None:
         f"{shares.get('clickhouse', 0):.0%} ({ratio(shares.get('clickhouse', 0) * batches.landed_seconds * 1e6, batches.landed_rows):.2f} "
         f"us/row), wrk {c.wrk_share:.0%}"
     )
-    for alone in alones:
+    for alone in alones + ([reference] if reference else []):
         result = alone.result
+        what = (f"in {rows_per_insert(alone)}-row inserts, as clickpulse's default BATCH_SIZE makes them (a reference, "
+                f"not the baseline: (c) landed {ratio(batches.landed_rate, alone.rate):.2f}x of it)"
+                if alone is reference else f"{alone.label} (c)")
         print(
-            f"  ClickHouse alone, {alone.label} (c) ({result['store']}): {fmt_int(result['rows'])} rows in {result['inserts']} inserts, "
+            f"  ClickHouse alone, {what} ({result['store']}): {fmt_int(result['rows'])} rows in {result['inserts']} inserts, "
             f"{result['seconds']:.2f} s = {fmt_int(alone.rate)} rows/s, count() {fmt_int(result['count'])}; "
             f"CPU {LOAD_CPU} busy {alone.shares.get('cpu1', 0):.0%}: ClickHouse {alone.shares.get('clickhouse', 0):.0%}, "
             f"the client {result['client_cpu_seconds'] / result['seconds']:.0%}; ClickHouse CPU "
@@ -148,10 +152,14 @@ def print_embedded(embedded: Embedded) -> None:
         f"busiest other threads: "
         + ", ".join(f"{name} {seconds * 1e6 / events:.2f}" for name, seconds in embedded.top_threads)
     )
-    for alone in embedded.alones:
+    reference = embedded.reference
+    for alone in embedded.alones + ([reference] if reference else []):
         result = alone.result
+        what = (f"in {rows_per_insert(alone)}-row inserts, as clickpulse's default BATCH_SIZE makes them (a reference, "
+                f"not the baseline: (g) landed {ratio(embedded.landed_rate, alone.rate):.2f}x of it)"
+                if alone is reference else f"{alone.label} (g)")
         print(
-            f"  chDB alone, {alone.label} (g) ({result['store']}): {fmt_int(result['rows'])} rows in {result['inserts']} inserts, "
+            f"  chDB alone, {what} ({result['store']}): {fmt_int(result['rows'])} rows in {result['inserts']} inserts, "
             f"{result['seconds']:.2f} s = {fmt_int(alone.rate)} rows/s, count() {fmt_int(result['count'])}, "
             f"{result['cpu_seconds'] * 1e6 / result['rows']:.2f} us CPU/row ({result['cpu_seconds'] / result['seconds']:.0%} "
             f"of CPU {SERVICE_CPU}, which was {alone.shares.get('cpu0', 0):.0%} busy); peak RSS "
@@ -227,6 +235,10 @@ def rounds_noise(rounds, *letters: str) -> str:
         (f"of CPU {SERVICE_CPU} in ({letter}) (median)", median_or_zero([getattr(r, letter).others_share for r in rounds]))
         for letter in letters
     ))
+
+
+def rows_per_insert(alone: StoreAlone) -> str:
+    return fmt_int(ratio(int(alone.result["rows"]), int(alone.result["inserts"])))
 
 
 def best_alone(alones: list[StoreAlone]) -> StoreAlone:

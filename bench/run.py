@@ -186,6 +186,10 @@ def main(argv: list[str] | None = None) -> int:
             )
             if landed:
                 alones.append(phases.run_clickhouse_alone(run, memory.database, "after"))
+                if phases.CLICKPULSE_ROWS_PER_INSERT != phases.BASELINE_ROWS_PER_INSERT:
+                    parts.clickhouse_reference = phases.run_clickhouse_alone(
+                        run, memory.database, "batch_size", phases.CLICKPULSE_ROWS_PER_INSERT,
+                    )
         elif memory is not None:
             memory.stop(run.anomalies)
             acknowledged = parts.single.memory_acknowledged if parts.single else 0
@@ -224,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
             report.print_rounds(parts.single)
             print()
         if parts.batches is not None:
-            report.print_batches(parts.batches, parts.clickhouse_alone)
+            report.print_batches(parts.batches, parts.clickhouse_alone, parts.clickhouse_reference)
             print()
         if parts.embedded is not None:
             report.print_embedded(parts.embedded)

@@ -58,7 +58,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     clickhouse_create_table: bool = True
     clickhouse_timeout: float = 30.0
     query_timeout: float = 10.0
-    batch_size: int = 10_000
+    batch_size: int = 25_000
     flush_interval: float = 1.0
     max_body_bytes: int = 1024 * 1024
     max_batch_events: int = 10_000
