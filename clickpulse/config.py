@@ -49,6 +49,9 @@ class ClickHouseTarget(msgspec.Struct, frozen=True):
     __str__ = __repr__
 
 
+BATCHES_IN_BUFFER = 4  # unless BATCH_SIZE is set, MAX_BUFFER_EVENTS holds at least this many batches
+
+
 class Config(msgspec.Struct, frozen=True, kw_only=True):
     http_host: str = "0.0.0.0"
     http_port: int = 8080
@@ -505,6 +508,15 @@ def load_config(argv: Sequence[str] = (), environ: Mapping[str, str] | None = No
         raise ConfigError("invalid TLS_CERT_FILE/TLS_KEY_FILE: set both, or neither")
     if config.rate_limit_burst is not None and config.rate_limit_events_per_second is None:
         raise ConfigError("invalid RATE_LIMIT_BURST: needs RATE_LIMIT_EVENTS_PER_SECOND")
+    if "batch_size" not in values and config.batch_size * BATCHES_IN_BUFFER > config.max_buffer_events:
+        # The default batch shrinks with a small buffer: the intake must go on taking events
+        # while full batches wait for the Writer.
+        config = msgspec.structs.replace(config, batch_size=max(1, config.max_buffer_events // BATCHES_IN_BUFFER))
+    if config.batch_size > config.max_buffer_events:
+        raise ConfigError(
+            f"invalid BATCH_SIZE={config.batch_size}: larger than MAX_BUFFER_EVENTS={config.max_buffer_events}, "
+            "so a batch could never fill"
+        )
     if config.max_batch_events > config.max_buffer_events:
         raise ConfigError(
             f"invalid MAX_BATCH_EVENTS={config.max_batch_events}: larger than "

@@ -288,6 +288,23 @@ def test_max_batch_events_equal_to_max_buffer_events_is_allowed() -> None:
     assert config.max_batch_events == config.max_buffer_events == 100
 
 
+
+def test_batch_size_above_max_buffer_events_is_an_error() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config([], {"BATCH_SIZE": "30000", "MAX_BUFFER_EVENTS": "20000"})
+
+    assert str(caught.value).startswith("invalid BATCH_SIZE=30000")
+    assert "MAX_BUFFER_EVENTS=20000" in str(caught.value)
+
+
+def test_default_batch_size_leaves_room_for_four_batches_in_a_small_buffer() -> None:
+    assert load_config([], {}).batch_size == 25_000
+    assert load_config([], {"MAX_BUFFER_EVENTS": "20000"}).batch_size == 5000
+    assert load_config([], {"MAX_BUFFER_EVENTS": "2", "MAX_BATCH_EVENTS": "1"}).batch_size == 1
+    # Set explicitly, BATCH_SIZE is taken as it is, up to MAX_BUFFER_EVENTS.
+    assert load_config([], {"MAX_BUFFER_EVENTS": "20000", "BATCH_SIZE": "20000"}).batch_size == 20_000
+    assert load_config(["--max-buffer-events", "400000"], {}).batch_size == 25_000
+
 # -- spool and acknowledgement settings -------------------------------------------------------
 
 
