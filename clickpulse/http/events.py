@@ -17,7 +17,7 @@ from msgspec import UNSET, Raw
 from clickpulse.events import EventDecoder, RowEncoder, RowStamp
 from clickpulse.http.adapter import AdapterWiring
 from clickpulse.http.edge import OPEN, Admission
-from clickpulse.http.responses import json_response
+from clickpulse.http.responses import JSON_HEADERS, json_response
 from clickpulse.messages import ACK_MODES, AckMode, PipelineDown, Refused, RowsRejected
 
 JSON_TYPES = frozenset({"application/json", "text/plain"})  # text/plain: navigator.sendBeacon
@@ -130,7 +130,7 @@ class EventsEndpoint:
             return await self._await_confirmation(confirmation, is_batch)
         if is_batch:
             return json_response(202, {"status": "accepted", "accepted": count})
-        return web.Response(status=202, body=_ACCEPTED_ONE, content_type="application/json")
+        return web.Response(status=202, body=_ACCEPTED_ONE, headers=JSON_HEADERS)
 
     async def _await_confirmation(self, confirmation: asyncio.Future[int], is_batch: bool) -> web.Response:
         # Raced against the pipeline's death: a request must not wait out ACK_TIMEOUT for an actor
