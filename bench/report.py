@@ -191,6 +191,14 @@ def print_soak(soak: Soak) -> None:
             f"{soak.reference_seconds:.0f} s, after that {soak.low:+.1%} .. {soak.high:+.1%} of it, "
             f"{soak.final:+.1%} at the end; {len(kib)} samples; plot: {soak.plot}"
         )
+    if soak.held and kib:
+        peak_at, peak_kib = max(soak.samples, key=lambda sample: sample[1])
+        held_at_peak = min(soak.held, key=lambda sample: abs(sample[0] - peak_at))[1]
+        held = sorted(n for _, n in soak.held)
+        print(
+            f"  events held in the pipeline (pipeline_memory_events, once a second): median {fmt_int(held[len(held) // 2])}, "
+            f"max {fmt_int(held[-1])}; at the highest VmRSS ({peak_kib / 1024:.0f} MiB, {peak_at:.0f} s) {fmt_int(held_at_peak)}"
+        )
     for note in soak.notes:
         print(f"  note: {note}")
 

@@ -10,9 +10,10 @@ from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
 
-from harness import PhaseResult, run_wrk, status_kib, wait_for_rows
+from harness import PhaseResult, metric_value, run_wrk, status_kib, wait_for_rows
 from phases import Run
 
+HELD_EVENTS = "pipeline_memory_events"  # events held in memory anywhere in the pipeline
 REFERENCE_SECONDS = 60.0  # RSS is compared with its value this long into the soak
 TOLERANCE = 0.10
 REFERENCE_SPAN = 10.0  # seconds either side of the reference time whose samples' median is the reference
@@ -25,6 +26,8 @@ class Soak:
     rate_source: str  # where the rate came from
     samples: list[tuple[float, int]]  # (seconds since the soak started, VmRSS KiB)
     reference_seconds: float
+    # (seconds since the soak started, clickpulse's pipeline_memory_events): what RSS swings with
+    held: list[tuple[float, float]] = field(default_factory=list)
     plot: Path | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -72,10 +75,15 @@ class Soak:
 
 
 class RssSampler:
-    def __init__(self, pid: int, interval: float = 1.0) -> None:
+    """VmRSS every `interval`, and beside it the events clickpulse holds in its pipeline (from
+    /metrics, one small GET a second), so that a swing of RSS can be told from a backlog."""
+
+    def __init__(self, pid: int, url: str, interval: float = 1.0) -> None:
         self.pid = pid
+        self.url = url
         self.interval = interval
         self.samples: list[tuple[float, int]] = []
+        self.held: list[tuple[float, float]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
         self.started = 0.0
@@ -91,6 +99,9 @@ class RssSampler:
                 self.samples.append((time.monotonic() - self.started, status_kib(self.pid, "VmRSS")))
             except OSError:
                 return
+            held = metric_value(self.url, HELD_EVENTS)
+            if held is not None:
+                self.held.append((time.monotonic() - self.started, held))
             next_at += self.interval
             self._stop.wait(max(0.0, next_at - time.monotonic()))
 
@@ -119,7 +130,7 @@ def run_soak(run: Run, rate: float | None, rate_source: str) -> Soak:
         f"bench: {service.label} ready on {service.url} (pid {service.pid}); {args.soak_seconds:g} s at "
         f"{rate:,.0f} req/s ({rate_source})", flush=True,
     )
-    sampler = RssSampler(service.pid)
+    sampler = RssSampler(service.pid, service.url)
     sampler.start()
     phase = run_wrk(
         "(s) soak, single events, paced", f"{service.url}/events", run.bodies.single, args.soak_connections,
@@ -130,7 +141,7 @@ def run_soak(run: Run, rate: float | None, rate_source: str) -> Soak:
     # Only what the load did: the drain tail after it is idle.
     samples = [(at, kib) for at, kib in sampler.samples if at <= args.soak_seconds + 1]
     reference = min(REFERENCE_SECONDS, args.soak_seconds / 2)
-    soak = Soak(phase, rate, rate_source, samples, reference)
+    soak = Soak(phase, rate, rate_source, samples, reference, [(at, n) for at, n in sampler.held if at <= args.soak_seconds + 1])
     if soak.achieved_rate < 0.95 * rate:
         run.anomalies.append(
             f"soak: {soak.achieved_rate:,.0f} req/s achieved of {rate:,.0f} asked: the service (or the "
