@@ -44,7 +44,7 @@ import report  # noqa: E402
 import soak as soak_part  # noqa: E402
 from bodies import write_bodies  # noqa: E402
 from harness import (  # noqa: E402
-    LOAD_CPU, OTHERS_CPU_WARNING, SERVICE_CPU, Clickpulse, median_or_zero, source_state, tail, wait_for_rows,
+    LOAD_CPU, OTHERS_CPU_WARNING, SERVICE_CPU, Clickpulse, source_state, tail, wait_for_rows,
 )
 from tests.support import stop_process  # noqa: E402
 from tests.servers import find_clickhouse_server, start_clickhouse  # noqa: E402
@@ -67,9 +67,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="rows ClickHouse alone and chDB alone insert, 10,000 an insert (default 1000000)")
     parser.add_argument("--soak-seconds", type=float, default=300.0, help="length of the soak (default 300; 0 skips it)")
     parser.add_argument("--soak-share", type=float, default=0.8,
-                        help="the soak's rate as a share of (b)'s median req/s (default 0.8)")
+                        help="the soak's rate as a share of its calibration's req/s (default 0.8)")
     parser.add_argument("--soak-rate", type=float, default=None,
-                        help="the soak's rate in req/s, instead of a share of (b) (without `single`: else measured first)")
+                        help="the soak's rate in req/s, instead of a share of a calibration run just before it")
     parser.add_argument("--soak-connections", type=int, default=None,
                         help="wrk connections for the soak (default: --connections)")
     parser.add_argument("--soak-plot", default=None, help="where to write the soak's RSS curve (default: the temp dir)")
@@ -196,13 +196,10 @@ def main(argv: list[str] | None = None) -> int:
             run.check_rows("rows vs 2xx-acked events, memory acks (b)",
                            wait_for_rows(run.server, memory.database, acknowledged, 30.0), acknowledged)
         if "soak" in args.parts:
-            if args.soak_rate:
-                rate, source = args.soak_rate, "--soak-rate"
-            elif parts.single is not None:
-                b = median_or_zero([r.b.requests_per_second for r in parts.single.rounds])
-                rate, source = args.soak_share * b, f"{args.soak_share:.0%} of (b)'s median {b:,.0f} req/s"
-            else:
-                rate, source = None, ""
+            # Without --soak-rate, the soak's own process is calibrated just before it: (b)'s
+            # median from minutes earlier is no maximum on a machine whose speed drifts by tens of
+            # percent, and 80% of a faster minute's rate soaked a saturated service.
+            rate, source = (args.soak_rate, "--soak-rate") if args.soak_rate else (None, "")
             parts.soak = soak_part.run_soak(run, rate, source)
         if run.server is not None:
             run.server.stop()  # the embedded part needs no server, and a quiet machine
