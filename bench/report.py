@@ -123,9 +123,7 @@ def print_batches(batches: Batches, alones: list[StoreAlone], reference: StoreAl
     )
     for alone in alones + ([reference] if reference else []):
         result = alone.result
-        what = (f"in {rows_per_insert(alone)}-row inserts, as clickpulse's default BATCH_SIZE makes them (a reference, "
-                f"not the baseline: (c) landed {ratio(batches.landed_rate, alone.rate):.2f}x of it)"
-                if alone is reference else f"{alone.label} (c)")
+        what = alone_label(alone, reference, "c", batches.landed_rate)
         print(
             f"  ClickHouse alone, {what} ({result['store']}): {fmt_int(result['rows'])} rows in {result['inserts']} inserts, "
             f"{result['seconds']:.2f} s = {fmt_int(alone.rate)} rows/s, count() {fmt_int(result['count'])}; "
@@ -155,9 +153,7 @@ def print_embedded(embedded: Embedded) -> None:
     reference = embedded.reference
     for alone in embedded.alones + ([reference] if reference else []):
         result = alone.result
-        what = (f"in {rows_per_insert(alone)}-row inserts, as clickpulse's default BATCH_SIZE makes them (a reference, "
-                f"not the baseline: (g) landed {ratio(embedded.landed_rate, alone.rate):.2f}x of it)"
-                if alone is reference else f"{alone.label} (g)")
+        what = alone_label(alone, reference, "g", embedded.landed_rate)
         print(
             f"  chDB alone, {what} ({result['store']}): {fmt_int(result['rows'])} rows in {result['inserts']} inserts, "
             f"{result['seconds']:.2f} s = {fmt_int(alone.rate)} rows/s, count() {fmt_int(result['count'])}, "
@@ -245,8 +241,14 @@ def rounds_noise(rounds, *letters: str) -> str:
     ))
 
 
-def rows_per_insert(alone: StoreAlone) -> str:
-    return fmt_int(ratio(int(alone.result["rows"]), int(alone.result["inserts"])))
+def alone_label(alone: StoreAlone, reference: StoreAlone | None, phase: str, landed_rate: float) -> str:
+    """How a store-alone run is named: before/after the phase it is the baseline of, or as the
+    reference at clickpulse's own insert size, with the phase's landed rate against it."""
+    if alone is not reference:
+        return f"{alone.label} ({phase})"
+    rows_per_insert = fmt_int(ratio(int(alone.result["rows"]), int(alone.result["inserts"])))
+    return (f"in {rows_per_insert}-row inserts, as clickpulse's default BATCH_SIZE makes them (a reference, "
+            f"not the baseline: ({phase}) landed {ratio(landed_rate, alone.rate):.2f}x of it)")
 
 
 def best_alone(alones: list[StoreAlone]) -> StoreAlone:

@@ -139,9 +139,10 @@ def run_soak(run: Run, rate: float | None, rate_source: str) -> Soak:
     sampler.stop()
     run.phases.append(phase)
     # Only what the load did: the drain tail after it is idle.
-    samples = [(at, kib) for at, kib in sampler.samples if at <= args.soak_seconds + 1]
+    end = args.soak_seconds + 1
+    samples = [(at, kib) for at, kib in sampler.samples if at <= end]
     reference = min(REFERENCE_SECONDS, args.soak_seconds / 2)
-    soak = Soak(phase, rate, rate_source, samples, reference, [(at, n) for at, n in sampler.held if at <= args.soak_seconds + 1])
+    soak = Soak(phase, rate, rate_source, samples, reference, [(at, held) for at, held in sampler.held if at <= end])
     if soak.achieved_rate < 0.95 * rate:
         run.anomalies.append(
             f"soak: {soak.achieved_rate:,.0f} req/s achieved of {rate:,.0f} asked: the service (or the "
