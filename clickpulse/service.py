@@ -23,7 +23,6 @@ import aiohttp
 from aiohttp import web
 from aioprometheus import Registry
 
-from clickpulse.access_log import AccessLogger, access_logger
 from clickpulse.batcher import Batcher
 from clickpulse.clickhouse import ClickHouseConnection, EmbeddedClickHouse, HttpClickHouse
 from clickpulse.config import Config
@@ -211,6 +210,7 @@ def build_pipeline(config: Config, metrics: PipelineMetrics) -> Pipeline:
         enricher=Enricher(config.enrich_ip),
         segment_max_message_bytes=config.segment_max_message_bytes,
         segment_max_batch_bytes=config.segment_max_batch_bytes,
+        access_log=config.access_log,
     )
     pipeline = Pipeline(
         config=config,
@@ -262,11 +262,12 @@ class Service:
         self.admin_port: int | None = None
         self._runner = web.AppRunner(
             http.build(operational=config.admin_port is None), handle_signals=False, shutdown_timeout=http_drain,
-            access_log=access_logger(config.access_log), access_log_class=AccessLogger,
             **http.server_options(),
         )
         self._admin_runner = (
-            web.AppRunner(http.build_admin(), access_log=None, handle_signals=False, shutdown_timeout=http_drain)
+            web.AppRunner(
+                http.build_admin(), handle_signals=False, shutdown_timeout=http_drain, **http.admin_server_options(),
+            )
             if config.admin_port is not None else None
         )
 

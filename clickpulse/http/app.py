@@ -1,18 +1,17 @@
-"""The aiohttp application: routes, the observing middleware (every request counted and timed
-by route template, HTTP errors answered in JSON), and the operational routes: /healthz, /readyz,
-/metrics, /openapi.json (clickpulse/openapi.py) and, with the embedded store, /query."""
+"""The aiohttp application: routes, routing errors answered in JSON (a catch-all route last), the
+request metrics (aiohttp's access-log hook: clickpulse/access_log.py), and the operational
+routes: /healthz, /readyz, /metrics, /openapi.json (clickpulse/openapi.py) and, with the
+embedded store, /query."""
 
 from __future__ import annotations
 
 import asyncio
-import logging
-import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import hdrs, web
 
-from clickpulse.collectors import LabelKey
-from clickpulse.http.connections import GuardedRequestHandler
+from clickpulse.access_log import RequestMetrics, request_log_class, request_logger
 from clickpulse.http.adapter import AdapterWiring
 from clickpulse.http.edge import Edge
 from clickpulse.http.enrich import Enricher
@@ -27,13 +26,9 @@ from clickpulse.metrics import PipelineMetrics
 from clickpulse.openapi import QUERY_FORMATS, encoded_document
 from clickpulse.ports import IntakePort
 
-log = logging.getLogger("clickpulse.http")
 
-METHOD_LABELS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-MAX_SERIES_KEYS = 4096  # far above methods × routes × statuses; a guard, not a tuning
 LOOPBACK_ADDRESSES = frozenset({"127.0.0.1", "::1"})
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Query = Callable[[str, str], Awaitable[str]]  # (sql, output format) → the result's text
 
 
@@ -56,16 +51,15 @@ class HttpApp:
         enricher: Enricher | None = None,
         segment_max_message_bytes: int = 32 * 1024,
         segment_max_batch_bytes: int = 500 * 1024,
+        access_log: bool = False,
     ) -> None:
         self._max_body_bytes = max_body_bytes
         self._not_ready_reason = not_ready_reason
         self._query = query
         self._openapi = encoded_document(with_query=query is not None)
         self._metrics = metrics
-        # (method, route, status) → the keys of its duration and request series: a lookup per
-        # request instead of two label dicts to build and check. Bounded by the routes, the
-        # method labels and the statuses clickpulse answers with.
-        self._series: dict[tuple[str, str, int], tuple[LabelKey, LabelKey]] = {}
+        self._request_metrics = RequestMetrics(metrics.receiver)
+        self._access_log = access_log
         self._draining = False
         self._keepalive_timeout = keepalive_timeout
         rejections = rejections if rejections is not None else Rejections(metrics.receiver)
@@ -92,7 +86,7 @@ class HttpApp:
             wiring, max_message_bytes=segment_max_message_bytes, max_batch_bytes=segment_max_batch_bytes
         )
 
-    def server_options(self) -> dict[str, object]:
+    def server_options(self) -> dict[str, Any]:
         """Keyword arguments for aiohttp's server (AppRunner, TestServer): the edge decodes
         bodies itself, under its bounds, and idle connections are closed."""
         return {
@@ -105,22 +99,33 @@ class HttpApp:
             # and discards the rest so the client sees the answer: short, or it is a slowloris.
             "lingering_time": 2.0,
             "logger": ServerLog(self.rejections),
+            "access_log": request_logger(),
+            "access_log_class": request_log_class(self._request_metrics, lines=self._access_log),
+        }
+
+    def admin_server_options(self) -> dict[str, Any]:
+        """ADMIN_PORT's server: its requests are counted and timed, never access-logged."""
+        return {
+            "access_log": request_logger(),
+            "access_log_class": request_log_class(self._request_metrics, lines=False),
         }
 
     def build(self, *, operational: bool = True) -> web.Application:
         """The public application; without the operational routes when they live on ADMIN_PORT."""
-        app = web.Application(client_max_size=self._max_body_bytes, middlewares=[self._observe])
+        app = web.Application(client_max_size=self._max_body_bytes)
         app.router.add_post("/events", self.events.post)
         app.router.add_route("OPTIONS", "/events", self.edge.preflight)
         self.segment.routes(app)
         if operational:
             self._add_operational(app)
+        self._add_no_route(app)
         return app
 
     def build_admin(self) -> web.Application:
         """ADMIN_PORT's application: /healthz, /readyz, /metrics and /query."""
-        app = web.Application(client_max_size=self._max_body_bytes, middlewares=[self._observe])
+        app = web.Application(client_max_size=self._max_body_bytes)
         self._add_operational(app)
+        self._add_no_route(app)
         return app
 
     def _add_operational(self, app: web.Application) -> None:
@@ -130,6 +135,26 @@ class HttpApp:
         app.router.add_get("/openapi.json", self.openapi)
         if self._query is not None:
             app.router.add_post("/query", self.run_query)
+
+    def _add_no_route(self, app: web.Application) -> None:
+        """Last, so that it takes only what no other route does: aiohttp's own 404 and 405 are
+        text, clickpulse answers in JSON."""
+        route = app.router.add_route("*", "/{path:.*}", self.no_route)
+        self._request_metrics.treat_as_unmatched(route)
+
+    async def no_route(self, request: web.Request) -> web.Response:
+        """404, or 405 with Allow when another route takes this path with other methods."""
+        allowed: set[str] = set()
+        for resource in request.app.router.resources():
+            if resource is not request.match_info.route.resource:
+                _, methods = await resource.resolve(request)
+                allowed |= methods
+        if allowed:
+            return json_response(
+                405, {"error": f"method {request.method} is not allowed on {request.path}"},
+                {hdrs.ALLOW: ",".join(sorted(allowed))},
+            )
+        return json_response(404, {"error": f"no route for {request.path}"})
 
     def stop_intake(self) -> None:
         """From now on POST /events answers 503 and /readyz reports shutting down."""
@@ -152,6 +177,9 @@ class HttpApp:
                 return refusal
         try:
             text = (await request.read()).decode(request.charset or "utf-8")
+        except web.HTTPRequestEntityTooLarge:  # client_max_size
+            self.rejections.count("too_large")
+            return json_response(413, {"error": f"the query is larger than {self._max_body_bytes} bytes (MAX_BODY_BYTES)"})
         except (UnicodeDecodeError, LookupError) as error:
             return json_response(400, {"error": f"the query body is not text in {request.charset or 'utf-8'}: {error}"})
         try:
@@ -179,41 +207,3 @@ class HttpApp:
 
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=self._metrics.render(), headers={hdrs.CONTENT_TYPE: self._metrics.content_type})
-
-    @web.middleware
-    async def _observe(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        started = time.perf_counter()
-        response: web.StreamResponse
-        protocol = request.protocol
-        guarded = protocol if isinstance(protocol, GuardedRequestHandler) else None
-        if guarded is not None:
-            guarded.head_received()
-        try:
-            response = await handler(request)
-        except web.HTTPException as error:
-            if error.status == 413:  # aiohttp's own client_max_size, on routes that read a body
-                self.rejections.count("too_large")
-            headers = {name: value for name, value in error.headers.items() if name == hdrs.ALLOW}
-            message = error.reason if error.status != 404 else f"no route for {request.path}"
-            response = json_response(error.status, {"error": message}, headers)
-        except Exception:
-            log.exception("unexpected error while serving %s %s", request.method, request.path)
-            response = json_response(500, {"error": "internal error; see the clickpulse log"})
-        resource = request.match_info.route.resource
-        method = request.method if request.method in METHOD_LABELS else "other"
-        path = resource.canonical if resource is not None else "unmatched"
-        receiver = self._metrics.receiver
-        series = self._series.get((method, path, response.status))
-        if series is None:
-            labels = {"method": method, "path": path}
-            series = (
-                receiver.http_request_duration.key_of(labels),
-                receiver.http_requests.key_of({**labels, "status": str(response.status)}),
-            )
-            if len(self._series) < MAX_SERIES_KEYS:
-                self._series[(method, path, response.status)] = series
-        receiver.http_request_duration.observe_at(series[0], time.perf_counter() - started)
-        receiver.http_requests.add_at(series[1], 1)
-        if guarded is not None:
-            guarded.request_done()
-        return response

@@ -15,8 +15,9 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
 
-from clickpulse.http.responses import Rejections
+from clickpulse.http.responses import Rejections, json_response
 
 _REFUSED_BODY = b'{"error":"too many connections (MAX_CONNECTIONS); retry later"}'
 _REFUSED = (
@@ -64,7 +65,14 @@ class GuardedRequestHandler(RequestHandler):
         super().__init__(manager, **kwargs)
         self._guard = guard
         self._counted = False
+        # From the parsed head until its answer is written (aiohttp's queue holds the head
+        # before): no head is awaited, so HEAD_READ_TIMEOUT does not apply. Known from
+        # aiohttp's own two calls per request rather than from every route.
         self._in_request = False
+        make_request = self._request_factory
+        assert make_request is not None
+        self._make_request = make_request
+        self._request_factory = self._request_taken
         self._loop_time = kwargs["loop"].time
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -89,22 +97,39 @@ class GuardedRequestHandler(RequestHandler):
     def data_received(self, data: bytes) -> None:
         if not self._counted:
             return
-        if not self._in_request:
-            self._guard.awaiting_head.setdefault(self, self._loop_time())
+        awaiting_head = self._guard.awaiting_head
+        if not self._in_request and not self._messages:
+            awaiting_head.setdefault(self, self._loop_time())
         super().data_received(data)
+        if self._messages:  # aiohttp parsed a whole head and queued the request
+            awaiting_head.pop(self, None)
 
-    def head_received(self) -> None:
-        """Called by the application when a request's head has been parsed (its middleware)."""
+    def _request_taken(self, *args: Any) -> web.BaseRequest:
+        """aiohttp's request factory, called when it takes a parsed head to answer it."""
         self._in_request = True
-        self._guard.awaiting_head.pop(self, None)
+        return self._make_request(*args)
 
-    def request_done(self) -> None:
+    def log_access(self, request: BaseRequest, response: web.StreamResponse, time: float | None) -> None:
+        """Called by aiohttp once the answer is written: the next bytes start the next head."""
         self._in_request = False
+        super().log_access(request, response, time)
 
     def head_too_slow(self) -> None:
-        if not self._in_request and self.transport is not None:
+        if not self._in_request and not self._messages and self.transport is not None:
             self._guard.rejections.count("timeout")
             self.force_close()
+
+    def handle_error(
+        self, request: BaseRequest, status: int = 500, exc: BaseException | None = None, message: str | None = None,
+    ) -> web.StreamResponse:
+        """aiohttp's answer to a request it could not parse or a handler that raised, logged by
+        aiohttp as before; a handler's error is answered in JSON like every other error."""
+        response = super().handle_error(request, status, exc, message)
+        if status != 500:
+            return response
+        answer = json_response(500, {"error": "internal error; see the clickpulse log"})
+        answer.force_close()
+        return answer
 
     # Identity, not equality, makes a handler a key of `awaiting_head`.
     __hash__ = object.__hash__

@@ -62,3 +62,23 @@ async def test_a_leading_comment_is_answered_and_a_write_behind_one_refused(
     bad_format = await client.post("/query?format=Native", data=b"SELECT 1")
     assert bad_format.status == 400 and "format must be one of" in (await bad_format.json())["error"]
     assert len(asked) == 2
+
+
+async def test_a_query_over_max_body_bytes_is_a_json_413_and_counted(
+    aiohttp_client: Callable[..., Awaitable[TestClient]],
+) -> None:
+    async def query(sql: str, output_format: str) -> str:
+        raise AssertionError("never asked")
+
+    metrics = PipelineMetrics()
+    http = HttpApp(
+        intake=MemoryIntake(memory=MemoryLimit(10, 1 << 30), to_batcher=lambda message: None),
+        max_body_bytes=1024, max_batch_events=10, ack_mode="memory", ack_timeout=1.0,
+        not_ready_reason=lambda: None, pipeline_down=asyncio.get_running_loop().create_future(),
+        metrics=metrics, query=query,
+    )
+    client = await aiohttp_client(http.build())
+    response = await client.post("/query", data=b"SELECT " + b"1" * 2048)
+    assert response.status == 413
+    assert "MAX_BODY_BYTES" in (await response.json())["error"]
+    assert metrics.receiver.requests_rejected.get({"reason": "too_large"}) == 1
