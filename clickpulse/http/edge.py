@@ -213,7 +213,7 @@ class Edge:
             return None
         if len(body) > limit:
             return self.finish(admission, self._too_large(f"request body larger than {limit} bytes (MAX_BODY_BYTES)"))
-        self._metrics.request_body_bytes.observe({}, len(body))
+        self._metrics.request_body_bytes.observe_at((), len(body))
         return body
 
     async def read_body(self, request: web.Request, admission: Admission) -> bytes | web.Response:
@@ -259,7 +259,7 @@ class Edge:
             return self.finish(admission, reject("invalid", 400, str(error)))
         finally:
             self._inflight.release(reserved)
-        self._metrics.request_body_bytes.observe({}, len(raw))
+        self._metrics.request_body_bytes.observe_at((), len(raw))
         return body
 
     def _too_large(self, message: str) -> web.Response:
