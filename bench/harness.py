@@ -16,6 +16,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -434,10 +435,12 @@ class Clickpulse:
 
 
 def start_clickpulse(
-    label: str, server: ClickHouseServer | None, workdir: Path, log_name: str, cpu: str = SERVICE_CPU, **extra: str
+    label: str, server: ClickHouseServer | None, workdir: Path, log_name: str, cpu: str = SERVICE_CPU,
+    prefix: Sequence[str] = (), **extra: str,
 ) -> Clickpulse:
     """A `python -m clickpulse` pinned to `cpu`, on a free port, with its own fresh `bench_…`
-    database on `server`; with `server` None, the embedded store (set DATA_DIR in `extra`)."""
+    database on `server`; with `server` None, the embedded store (set DATA_DIR in `extra`).
+    `prefix`: a command that runs it (valgrind, for bench/instructions.py)."""
     port = free_port()
     log = workdir / log_name
     settings = dict(HTTP_HOST="127.0.0.1", HTTP_PORT=str(port), FLUSH_INTERVAL="1s", LOG_LEVEL="WARNING")
@@ -449,7 +452,7 @@ def start_clickpulse(
     settings.update(extra)
     with open(log, "wb") as stderr:
         process = subprocess.Popen(
-            ["taskset", "-c", cpu, sys.executable, "-m", "clickpulse"],
+            ["taskset", "-c", cpu, *prefix, sys.executable, "-m", "clickpulse"],
             env=child_env(**settings), cwd=ROOT, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr,
         )
     return Clickpulse(label, process, f"http://127.0.0.1:{port}", database, log)

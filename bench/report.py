@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from embedded import Embedded
+from instructions import FEWER, MORE, WARMUP, Instructions
 from harness import LOAD_CPU, OTHERS_CPU_WARNING, SERVICE_CPU, fmt_int, fmt_ms, median_or_zero, print_table, ratio
 from phases import Batches, Run, Single, StoreAlone
 from soak import TOLERANCE, Soak
@@ -22,6 +23,7 @@ BOUND = 0.9  # a CPU share at or above this is "the limit"
 @dataclass
 class Parts:
     single: Single | None = None
+    instructions: Instructions | None = None
     batches: Batches | None = None
     clickhouse_alone: list[StoreAlone] = field(default_factory=list)  # before and after (c)
     clickhouse_reference: StoreAlone | None = None  # ClickHouse alone in BATCH_SIZE-row inserts
@@ -84,6 +86,16 @@ def print_rounds(single: Single) -> None:
             f"(a) ranged from {fmt_int(min(a_rates))} to {fmt_int(max(a_rates))} req/s across rounds "
             f"({max(a_rates) / min(a_rates) - 1:.0%} apart): the machine's drift, which the per-round ratios cancel"
         )
+
+
+def print_instructions(instructions: Instructions) -> None:
+    per_request = instructions.per_request
+    print(f"instructions per single-event request under callgrind ({MORE} - {FEWER} requests after {WARMUP}, "
+          "one keep-alive connection; user space only):")
+    print_table(
+        [[f"({letter})", fmt_int(per_request[letter]), f"{instructions.over_a(letter):.3f}"] for letter in ("a", "b", "e")],
+        ["phase", "instructions/request", "(a) ÷ this"],
+    )
 
 
 def print_batches(batches: Batches, alones: list[StoreAlone], reference: StoreAlone | None = None) -> None:
@@ -281,6 +293,19 @@ def summary(run: Run, parts: Parts) -> list[list[str]]:
                 f">= {target:.2f}",
                 verdict(value >= target, f"{single_why(rounds, letter, 'a')}; per round {per_round}",
                         rounds_noise(rounds, "a", letter)),
+            ])
+    counted = parts.instructions
+    if counted is not None:
+        a = counted.per_request["a"]
+        for letter, target, label in (
+            ("b", TARGET_SINGLE_RATIO, "1. (b), instructions: (a)'s per request ÷ (b)'s"),
+            ("e", TARGET_EDGE_RATIO, "1. (e), instructions: (a)'s per request ÷ (e)'s"),
+        ):
+            value = counted.over_a(letter)
+            rows.append([
+                label, f"{value:.3f} ({fmt_int(counted.per_request[letter])}/request)",
+                f"(a) bare handler {fmt_int(a)}/request", f">= {target:.2f}",
+                verdict(value >= target, "callgrind: the same whatever the machine does; the kernel's part not counted"),
             ])
     batches = parts.batches
     if batches is not None:

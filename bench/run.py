@@ -1,6 +1,6 @@
 """clickpulse's benchmark: every target of issue 14 against its baseline, measured in one run.
 
-    python bench/run.py [--only single,batch,landed,embedded,soak] [--rounds 5] [--duration 5]
+    python bench/run.py [--only single,instructions,batch,landed,embedded,soak] [--rounds 5] [--duration 5]
 
 It starts its own ClickHouse (tests/servers.py) in a temp dir, pinned to CPU 1 with wrk and this
 process; the services under test run on CPU 0, one under load at a time. The parts:
@@ -9,6 +9,9 @@ process; the services under test run on CPU 0, one under load at a time. The par
             memory acks, (e) clickpulse with an ingest key, CORS and enrichment, (d) clickpulse
             with disk acks: targets (b)/(a) >= 0.8, (e)/(a) >= 0.75, (d)/(b) >= 0.8, the medians
             of the per-round ratios
+  instructions
+            (a), (b) and (e) under valgrind's callgrind: instructions per single-event request,
+            the same on a quiet or a busy machine (bench/instructions.py); skipped without valgrind
   batch     (f) 1000-message POST /v1/batch and (c) 1000-event POST /events to the memory-ack
             clickpulse: CPU us/event <= 2.5 each, beside the floor (plain msgspec decode + encode
             of the same bodies, in this process on CPU 0)
@@ -39,6 +42,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import embedded as embedded_part  # noqa: E402
+import instructions as instructions_part  # noqa: E402
 import phases  # noqa: E402
 import report  # noqa: E402
 import soak as soak_part  # noqa: E402
@@ -49,7 +53,7 @@ from harness import (  # noqa: E402
 from tests.support import stop_process  # noqa: E402
 from tests.servers import find_clickhouse_server, start_clickhouse  # noqa: E402
 
-PARTS = ("single", "batch", "landed", "soak", "embedded")
+PARTS = ("single", "instructions", "batch", "landed", "soak", "embedded")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -137,7 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     if not {0, 1} <= os.sched_getaffinity(0):
         print("bench: needs CPUs 0 and 1 (the services on 0, wrk on 1)", file=sys.stderr)
         return 2
-    needs_server = bool({"single", "batch", "landed", "soak"} & set(args.parts))
+    if "instructions" in args.parts and instructions_part.valgrind() is None:
+        print("bench: no valgrind on PATH: the instructions part is skipped", file=sys.stderr)
+        args.parts.remove("instructions")
+    needs_server = bool({"single", "instructions", "batch", "landed", "soak"} & set(args.parts))
     clickhouse_command = find_clickhouse_server() if needs_server else []
     if clickhouse_command is None:
         print("bench: no clickhouse-server (install it or set CLICKHOUSE_SERVER_BIN)", file=sys.stderr)
@@ -169,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         if "single" in args.parts:
             assert memory is not None
             parts.single = phases.run_single(run, memory)
+        if "instructions" in args.parts:
+            parts.instructions = instructions_part.run_instructions(run)
         if batch_wanted:
             assert memory is not None
             acknowledged = parts.single.memory_acknowledged if parts.single else 0
@@ -223,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
         print()
         if parts.single is not None:
             report.print_rounds(parts.single)
+            print()
+        if parts.instructions is not None:
+            report.print_instructions(parts.instructions)
             print()
         if parts.batches is not None:
             report.print_batches(parts.batches, parts.clickhouse_alone, parts.clickhouse_reference)

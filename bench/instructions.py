@@ -1,0 +1,126 @@
+"""Part `instructions`: target 1 read without the machine's noise.
+
+(a) the bare handler, (b) clickpulse with memory acks and (e) clickpulse with an ingest key, CORS
+and enrichment each run under valgrind's callgrind, which counts the instructions the process
+executes in user space (Python, aiohttp, msgspec, every library; not the kernel), the same
+whatever else the host does: on a shared machine, where req/s swings by tens of percent from
+minute to minute, two versions of the code compare exactly.
+
+Each runs twice, answering `WARMUP + FEWER` and then `WARMUP + MORE` single-event POSTs sent one
+after another on one keep-alive connection; (second total - first total) / (MORE - FEWER) is the
+instructions per request, with start-up, warm-up and shutdown cancelled out. (a)/(b) is what
+(b)/(a) in req/s would be if a request's time were its instructions. The kernel's part (the
+same socket calls for all three: one recvfrom, one sendto per request) is not counted, so on an
+otherwise quiet machine the req/s ratio is a little nearer 1 than this one.
+"""
+
+from __future__ import annotations
+
+import http.client
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness import BENCH, SERVICE_CPU, child_env, free_port, http_status, start_clickpulse, wait_for_rows, wait_until
+from phases import EDGE_HEADERS, KEY_NAME, KEY_SECRET, ORIGIN, Run
+
+WARMUP = 300  # requests before the counted ones: imports done, caches and the allocator warm
+FEWER = 200
+MORE = 1200
+TOTALS = re.compile(rb"^(?:summary|totals): (\d+)", re.MULTILINE)
+
+
+@dataclass
+class Instructions:
+    per_request: dict[str, float]  # "a", "b", "e" → instructions per request
+
+    def over_a(self, letter: str) -> float:
+        """(a)'s instructions ÷ this one's: the req/s ratio if time were instructions."""
+        return self.per_request["a"] / self.per_request[letter] if self.per_request.get(letter) else 0.0
+
+
+def valgrind() -> str | None:
+    return shutil.which("valgrind")
+
+
+def run_instructions(run: Run) -> Instructions:
+    keys = run.workdir / "instructions-keys.toml"
+    keys.write_text(f'[[keys]]\nname = "{KEY_NAME}"\nsecret = "{KEY_SECRET}"\nkind = "server"\n')
+    plain = {"Content-Type": "application/json"}
+    edge = {**plain, **EDGE_HEADERS}
+    # One flush, at shutdown: under callgrind a request takes ~50x as long, so a flush every
+    # FLUSH_INTERVAL would carry a few dozen rows instead of thousands and its insert would be
+    # counted against each request many times over what it costs under load. The final insert
+    # (500 or 1500 rows) still counts: the rows' share of it is in the difference.
+    unflushed = {"ACK_MODE": "memory", "FLUSH_INTERVAL": "1h"}
+    setups = {
+        "a": ({}, plain),
+        "b": (unflushed, plain),
+        "e": ({**unflushed, "INGEST_KEYS_FILE": str(keys), "CORS_ORIGINS": ORIGIN, "ENRICH_IP": "true"}, edge),
+    }
+    per_request: dict[str, float] = {}
+    for letter, (settings, headers) in setups.items():
+        fewer, more = (_count(run, letter, settings, headers, WARMUP + requests) for requests in (FEWER, MORE))
+        per_request[letter] = (more - fewer) / (MORE - FEWER)
+        print(f"bench: ({letter}) under callgrind: {per_request[letter]:,.0f} instructions per request", flush=True)
+    return Instructions(per_request)
+
+
+def _count(run: Run, letter: str, settings: dict[str, str], headers: dict[str, str], requests: int) -> int:
+    """Instructions of one whole process's life that answered `requests` POSTs."""
+    output = run.workdir / f"callgrind-{letter}-{requests}.out"
+    tool = [valgrind() or "valgrind", "--tool=callgrind", f"--callgrind-out-file={output}"]
+    if letter == "a":
+        port = free_port()
+        log = run.workdir / f"callgrind-{letter}-{requests}.stderr.log"
+        with open(log, "wb") as stderr:
+            process = subprocess.Popen(
+                ["taskset", "-c", SERVICE_CPU, *tool, sys.executable, str(BENCH / "bare_handler.py"), str(port)],
+                env=child_env(), stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr,
+            )
+        run.processes.append(process)
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: http_status(f"{url}/events", run.bodies.single.read_bytes(), 5.0) == 202,
+                   process, "bare handler under callgrind", log, 180.0)
+        _send(port, headers, run.bodies.single.read_bytes(), requests - 1)  # the probe was one
+        process.terminate()
+        status = process.wait(timeout=60)
+        if status not in (0, -15):
+            run.anomalies.append(f"the bare handler under callgrind exited with status {status}")
+    else:
+        service = start_clickpulse(
+            f"clickpulse ({letter}) under callgrind", run.server, run.workdir, f"callgrind-{letter}-{requests}.stderr.log",
+            prefix=tool, **settings,
+        )
+        run.processes.append(service.process)
+        service.wait_ready(180.0)
+        port = int(service.url.rsplit(":", 1)[1])
+        _send(port, headers, run.bodies.single.read_bytes(), requests)
+        anomalies: list[str] = []
+        status = service.stop(anomalies)
+        run.anomalies.extend(anomalies)
+        if status != 0:
+            run.anomalies.append(f"{service.label} exited with status {status}")
+        assert run.server is not None
+        run.check_rows(f"rows vs 202-acked events, ({letter}) under callgrind, {requests} requests",
+                       wait_for_rows(run.server, service.database, requests, 30.0), requests)
+    totals = [int(value) for value in TOTALS.findall(Path(output).read_bytes())]
+    if not totals:
+        raise RuntimeError(f"callgrind wrote no totals to {output}")
+    return max(totals)
+
+
+def _send(port: int, headers: dict[str, str], body: bytes, requests: int) -> None:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        for _ in range(requests):
+            connection.request("POST", "/events", body, headers)
+            response = connection.getresponse()
+            response.read()
+            if response.status != 202:
+                raise RuntimeError(f"POST /events under callgrind answered {response.status}, not 202")
+    finally:
+        connection.close()
