@@ -18,9 +18,9 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Final
 
+import msgspec
 from aiohttp import hdrs, web
 
 from clickpulse.collectors import LabelKey
@@ -40,8 +40,10 @@ NO_KEY_LABEL = RESERVED_NAME  # the `key` label of events sent without a key
 MAX_KEY_SERIES = 4096  # key names come from INGEST_KEYS_FILE: few
 
 
-@dataclass(slots=True)
-class Admission:
+class Admission(msgspec.Struct, gc=False):
+    """What the edge learnt of one request. A Struct: made in C for every request with keys,
+    CORS or a rate limit (a dataclass's __init__ runs Python, three times slower)."""
+
     key: IngestKey | None = None
     origin: str | None = None  # the request's Origin when it is allowed: answers carry CORS headers
     client: str = ""
@@ -49,6 +51,10 @@ class Admission:
 
 
 OPEN: Final = Admission()
+_VARY_ORIGIN: Final = (hdrs.VARY, "Origin")
+_EXPOSE_HEADERS: Final = (
+    hdrs.ACCESS_CONTROL_EXPOSE_HEADERS, "Retry-After, RateLimit-Limit, RateLimit-Remaining, RateLimit-Reset",
+)
 
 
 class Edge:
@@ -311,11 +317,9 @@ class Edge:
         if admission is OPEN:
             return response
         if admission.origin is not None:
-            response.headers[hdrs.ACCESS_CONTROL_ALLOW_ORIGIN] = admission.origin
-            response.headers[hdrs.VARY] = "Origin"
-            response.headers[hdrs.ACCESS_CONTROL_EXPOSE_HEADERS] = (
-                "Retry-After, RateLimit-Limit, RateLimit-Remaining, RateLimit-Reset"
-            )
+            response.headers.extend((
+                (hdrs.ACCESS_CONTROL_ALLOW_ORIGIN, admission.origin), _VARY_ORIGIN, _EXPOSE_HEADERS,
+            ))
         if admission.verdict is not None:
             response.headers.update(admission.verdict.headers())
         return response
