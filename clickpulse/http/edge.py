@@ -210,10 +210,7 @@ class Edge:
         if not content.is_eof() or hdrs.CONTENT_ENCODING in request.headers:
             return None
         limit = self._max_body_bytes
-        length = request.content_length
-        if length is not None and length > limit:
-            return self.finish(admission, self._too_large(f"request body larger than {limit} bytes (MAX_BODY_BYTES)"))
-        try:
+        try:  # all of it is in memory already: its length is checked as read, not as declared
             body = content.read_nowait(-1)
         except Exception:  # noqa: BLE001 - a payload error: read_body answers it properly
             return None
