@@ -59,18 +59,17 @@ class RequestMetrics:
         metrics.http_requests.add_at(series[1], 1)
 
     def _series_of(self, method: str, route: AbstractRoute | None, status: int) -> tuple[LabelKey, LabelKey]:
-        resource = route.resource if route is not None else None
-        matched = resource is not None and route not in self._unmatched_routes
+        resource = route.resource if route is not None and route not in self._unmatched_routes else None
         labels = {
             "method": method if method in METHOD_LABELS else "other",
-            "path": resource.canonical if matched and resource is not None else UNMATCHED,
+            "path": resource.canonical if resource is not None else UNMATCHED,
         }
         metrics = self._metrics
         series = (
             metrics.http_request_duration.key_of(labels),
             metrics.http_requests.key_of({**labels, "status": str(status)}),
         )
-        if matched and route is not None and len(self._series) < MAX_SERIES_KEYS:
+        if resource is not None and route is not None and len(self._series) < MAX_SERIES_KEYS:
             self._series[(route, status)] = series
         return series
 

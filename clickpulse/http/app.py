@@ -99,16 +99,15 @@ class HttpApp:
             # and discards the rest so the client sees the answer: short, or it is a slowloris.
             "lingering_time": 2.0,
             "logger": ServerLog(self.rejections),
-            "access_log": request_logger(),
-            "access_log_class": request_log_class(self._request_metrics, lines=self._access_log),
+            **self._request_log(lines=self._access_log),
         }
 
     def admin_server_options(self) -> dict[str, Any]:
         """ADMIN_PORT's server: its requests are counted and timed, never access-logged."""
-        return {
-            "access_log": request_logger(),
-            "access_log_class": request_log_class(self._request_metrics, lines=False),
-        }
+        return self._request_log(lines=False)
+
+    def _request_log(self, *, lines: bool) -> dict[str, Any]:
+        return {"access_log": request_logger(), "access_log_class": request_log_class(self._request_metrics, lines=lines)}
 
     def build(self, *, operational: bool = True) -> web.Application:
         """The public application; without the operational routes when they live on ADMIN_PORT."""
