@@ -96,6 +96,35 @@ async def test_slowloris_heads_are_closed_and_counted(
     assert samples['requests_rejected_total{reason="timeout"}'] == 200
 
 
+async def test_the_head_time_limit_spares_a_slow_body_and_a_later_head_on_a_kept_connection(
+    clickhouse_server: ClickHouseServer, clickhouse_database: str, start_service
+) -> None:
+    """HEAD_READ_TIMEOUT runs from a head's first byte to its end, nothing else: not while a
+    body arrives slowly after a whole head, and not from bytes of an earlier request."""
+    service = start_service(CLICKHOUSE_DSN=clickhouse_server.dsn(clickhouse_database), HEAD_READ_TIMEOUT="1s")
+    body = b'{"event_type":"a","source":"b","created_at":"2024-05-01T00:00:00Z"}'
+    head = (b"POST /events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n")
+    async with aiohttp.ClientSession() as http:
+        await eventually(lambda: service.is_ready(http), timeout=20)
+    reader, writer = await asyncio.open_connection("127.0.0.1", service.port)
+    writer.write(head + body[:10])  # the head whole, the body begun
+    await writer.drain()
+    for start in range(10, len(body), 10):  # the rest over 2.4 s, well past the head limit
+        await asyncio.sleep(0.4)
+        writer.write(body[start:start + 10])
+        await writer.drain()
+    first = await asyncio.wait_for(reader.readuntil(b"}"), 5)
+    assert first.startswith(b"HTTP/1.1 202")
+    await asyncio.sleep(1.5)  # idle past the head limit: aiohttp's keep-alive, not the head's
+    writer.write(head[:20])  # the next head in two parts, within the limit of its own first byte
+    await asyncio.sleep(0.5)
+    writer.write(head[20:] + body)
+    second = await asyncio.wait_for(reader.readuntil(b"}"), 5)
+    writer.close()
+    assert second.startswith(b"HTTP/1.1 202")
+
+
 async def test_beyond_max_connections_a_newcomer_gets_503(
     clickhouse_server: ClickHouseServer, clickhouse_database: str, start_service
 ) -> None:
