@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -84,43 +85,53 @@ def best_us_per_event(work, events: int, repeats: int = 11, min_seconds: float =
     return best
 
 
-def measure(events_body: bytes, segment_body: bytes, cpu: str) -> Floors:
-    """Pins this thread to `cpu` for the measurement and restores its affinity afterwards."""
+@dataclass
+class Works:
+    """The four pieces of work the floor compares, each one call over a whole batch body."""
+
+    plain_events: Callable[[], object]
+    plain_segment: Callable[[], object]
+    clickpulse_events: Callable[[], object]
+    clickpulse_segment: Callable[[], object]
+    events: int  # in the /events body
+    segment_events: int  # messages in the /v1/batch body
+
+
+def works(events_body: bytes, segment_body: bytes) -> Works:
     events_decoder = msgspec.json.Decoder(list[PlainEvent])
     segment_decoder = msgspec.json.Decoder(PlainBatch)
     encoder = msgspec.json.Encoder()
-    count = len(events_decoder.decode(events_body))
     segment_count = len(segment_decoder.decode(segment_body).batch)
     maker = EventsRows()
-
-    def plain_events() -> None:
-        encoder.encode_lines(events_decoder.decode(events_body))
-
-    def plain_segment() -> None:
-        encoder.encode_lines(segment_decoder.decode(segment_body).batch)
-
-    def clickpulse_events() -> None:
-        maker.rows(events_body)
 
     from clickpulse.http.segment_mapping import BatchLimits, MessageMapper, RequestFacts
 
     mapper = MessageMapper()
     limits = BatchLimits(max_message_bytes=32 * 1024, max_events=segment_count)  # the defaults' message limit
     request = RequestFacts(datetime.now(timezone.utc), "segment", "", (b'"ip":"127.0.0.1"', b'"userAgent":"bench"'))
+    return Works(
+        plain_events=lambda: encoder.encode_lines(events_decoder.decode(events_body)),
+        plain_segment=lambda: encoder.encode_lines(segment_decoder.decode(segment_body).batch),
+        clickpulse_events=lambda: maker.rows(events_body),
+        clickpulse_segment=lambda: encoder.encode_lines(mapper.batch_rows(segment_body, limits, request)),
+        events=len(events_decoder.decode(events_body)),
+        segment_events=segment_count,
+    )
 
-    def clickpulse_segment() -> None:
-        encoder.encode_lines(mapper.batch_rows(segment_body, limits, request))
 
+def measure(events_body: bytes, segment_body: bytes, cpu: str) -> Floors:
+    """Pins this thread to `cpu` for the measurement and restores its affinity afterwards."""
+    work = works(events_body, segment_body)
     affinity = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {int(cpu)})
     busy_before, _, _ = cpu_times(cpu)
     started, own_started = time.monotonic(), time.thread_time()
     try:
         floors = Floors(
-            events_us=best_us_per_event(plain_events, count),
-            segment_us=best_us_per_event(plain_segment, segment_count),
-            clickpulse_events_us=best_us_per_event(clickpulse_events, count),
-            clickpulse_segment_us=best_us_per_event(clickpulse_segment, segment_count),
+            events_us=best_us_per_event(work.plain_events, work.events),
+            segment_us=best_us_per_event(work.plain_segment, work.segment_events),
+            clickpulse_events_us=best_us_per_event(work.clickpulse_events, work.events),
+            clickpulse_segment_us=best_us_per_event(work.clickpulse_segment, work.segment_events),
             cpu=cpu,
         )
     finally:
@@ -129,3 +140,15 @@ def measure(events_body: bytes, segment_body: bytes, cpu: str) -> Floors:
     wall, own = time.monotonic() - started, time.thread_time() - own_started
     floors.others_share = max(0.0, (busy_after - busy_before) / CLOCK_TICKS - own) / wall if wall > 0 else 0.0
     return floors
+
+
+if __name__ == "__main__":
+    # `python bench/floor.py WORK TIMES EVENTS_BODY SEGMENT_BODY`: one of `Works`' pieces of work
+    # TIMES times and nothing else, for bench/instructions.py to count under callgrind.
+    import sys
+
+    name, times, events_path, segment_path = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    with open(events_path, "rb") as events_file, open(segment_path, "rb") as segment_file:
+        chosen = getattr(works(events_file.read(), segment_file.read()), name)
+    for _ in range(times):
+        chosen()

@@ -12,6 +12,13 @@ instructions per request, with start-up, warm-up and shutdown cancelled out. (a)
 (b)/(a) in req/s would be if a request's time were its instructions. The kernel's part (the
 same socket calls for all three: one recvfrom, one sendto per request) is not counted, so on an
 otherwise quiet machine the req/s ratio is a little nearer 1 than this one.
+
+Batches (target 2), the same way: (b)'s settings answering `BATCH_WARMUP + BATCH_FEWER` and then
+`BATCH_WARMUP + BATCH_MORE` 1000-event POST /events (c) and 1000-message POST /v1/batch (f), and
+beside them, each in a process of its own under callgrind, the floor's pieces of work
+(bench/floor.py `Works`): clickpulse's own decode + encode of the same body, and plain msgspec's.
+Their difference per event is what HTTP, the pipeline and the insert add to the codec, in the
+one unit that does not drift with the machine.
 """
 
 from __future__ import annotations
@@ -30,12 +37,27 @@ from phases import EDGE_HEADERS, KEY_NAME, KEY_SECRET, ORIGIN, Run
 WARMUP = 300  # requests before the counted ones: imports done, caches and the allocator warm
 FEWER = 200
 MORE = 1200
+BATCH_WARMUP = 5
+BATCH_FEWER = 5
+BATCH_MORE = 25
+CODEC_FEWER = 10  # calls of one piece of work over a whole batch body
+CODEC_MORE = 30
 TOTALS = re.compile(rb"^(?:summary|totals): (\d+)", re.MULTILINE)
+
+
+@dataclass
+class BatchInstructions:
+    """Instructions per event of a batch body, for "c" (POST /events) and "f" (POST /v1/batch)."""
+
+    service: dict[str, float]  # the whole clickpulse process answering them
+    own_code: dict[str, float]  # clickpulse's decode + encode of the body alone, in-process
+    plain: dict[str, float]  # plain msgspec decode + encode_lines of it: the floor
 
 
 @dataclass
 class Instructions:
     per_request: dict[str, float]  # "a", "b", "e" → instructions per request
+    batches: BatchInstructions | None = None
 
     def over_a(self, letter: str) -> float:
         """(a)'s instructions ÷ this one's: the req/s ratio if time were instructions."""
@@ -66,11 +88,58 @@ def run_instructions(run: Run) -> Instructions:
         fewer, more = (_count(run, letter, settings, headers, WARMUP + requests) for requests in (FEWER, MORE))
         per_request[letter] = (more - fewer) / (MORE - FEWER)
         print(f"bench: ({letter}) under callgrind: {per_request[letter]:,.0f} instructions per request", flush=True)
-    return Instructions(per_request)
+    return Instructions(per_request, _count_batches(run, unflushed))
 
 
-def _count(run: Run, letter: str, settings: dict[str, str], headers: dict[str, str], requests: int) -> int:
-    """Instructions of one whole process's life that answered `requests` POSTs."""
+def _count_batches(run: Run, settings: dict[str, str]) -> BatchInstructions:
+    bodies = run.bodies
+    counts = BatchInstructions({}, {}, {})
+    for letter, path, body, own_work, plain_work in (
+        ("c", "/events", bodies.batch, "clickpulse_events", "plain_events"),
+        ("f", "/v1/batch", bodies.segment, "clickpulse_segment", "plain_segment"),
+    ):
+        fewer, more = (
+            _count(run, letter, settings, {"Content-Type": "application/json"}, BATCH_WARMUP + requests,
+                   path=path, body=body.read_bytes(), events_per_request=bodies.batch_events)
+            for requests in (BATCH_FEWER, BATCH_MORE)
+        )
+        counts.service[letter] = (more - fewer) / ((BATCH_MORE - BATCH_FEWER) * bodies.batch_events)
+        for work, into in ((own_work, counts.own_code), (plain_work, counts.plain)):
+            fewer, more = (_count_work(run, work, times) for times in (CODEC_FEWER, CODEC_MORE))
+            into[letter] = (more - fewer) / ((CODEC_MORE - CODEC_FEWER) * bodies.batch_events)
+        print(
+            f"bench: ({letter}) {path} batches under callgrind: {counts.service[letter]:,.0f} instructions per event; "
+            f"clickpulse's decode + encode alone {counts.own_code[letter]:,.0f}, plain msgspec {counts.plain[letter]:,.0f}",
+            flush=True,
+        )
+    return counts
+
+
+def _count_work(run: Run, work: str, times: int) -> int:
+    """Instructions of a process that does one of bench/floor.py's pieces of work `times` times."""
+    output = run.workdir / f"callgrind-{work}-{times}.out"
+    subprocess.run(
+        ["taskset", "-c", SERVICE_CPU, valgrind() or "valgrind", "--tool=callgrind", f"--callgrind-out-file={output}",
+         sys.executable, str(BENCH / "floor.py"), work, str(times), str(run.bodies.batch), str(run.bodies.segment)],
+        env=child_env(), cwd=BENCH, stdin=subprocess.DEVNULL, capture_output=True, check=True, timeout=600,
+    )
+    return _total(output)
+
+
+def _total(output: Path) -> int:
+    totals = [int(value) for value in TOTALS.findall(output.read_bytes())]
+    if not totals:
+        raise RuntimeError(f"callgrind wrote no totals to {output}")
+    return max(totals)
+
+
+def _count(
+    run: Run, letter: str, settings: dict[str, str], headers: dict[str, str], requests: int, *,
+    path: str = "/events", body: bytes | None = None, events_per_request: int = 1,
+) -> int:
+    """Instructions of one whole process's life that answered `requests` POSTs of `body` (the
+    single event unless given) to `path`."""
+    body = run.bodies.single.read_bytes() if body is None else body
     output = run.workdir / f"callgrind-{letter}-{requests}.out"
     tool = [valgrind() or "valgrind", "--tool=callgrind", f"--callgrind-out-file={output}"]
     if letter == "a":
@@ -85,7 +154,7 @@ def _count(run: Run, letter: str, settings: dict[str, str], headers: dict[str, s
         url = f"http://127.0.0.1:{port}"
         wait_until(lambda: http_status(f"{url}/events", run.bodies.single.read_bytes(), 5.0) == 202,
                    process, "bare handler under callgrind", log, 180.0)
-        _send(port, headers, run.bodies.single.read_bytes(), requests - 1)  # the probe was one
+        _send(port, headers, body, requests - 1)  # the probe was one
         process.terminate()
         status = process.wait(timeout=60)
         if status not in (0, -15):
@@ -98,29 +167,27 @@ def _count(run: Run, letter: str, settings: dict[str, str], headers: dict[str, s
         run.processes.append(service.process)
         service.wait_ready(180.0)
         port = int(service.url.rsplit(":", 1)[1])
-        _send(port, headers, run.bodies.single.read_bytes(), requests)
+        _send(port, headers, body, requests, path)
         anomalies: list[str] = []
         status = service.stop(anomalies)
         run.anomalies.extend(anomalies)
         if status != 0:
             run.anomalies.append(f"{service.label} exited with status {status}")
         assert run.server is not None
-        run.check_rows(f"rows vs 202-acked events, ({letter}) under callgrind, {requests} requests",
-                       wait_for_rows(run.server, service.database, requests, 30.0), requests)
-    totals = [int(value) for value in TOTALS.findall(Path(output).read_bytes())]
-    if not totals:
-        raise RuntimeError(f"callgrind wrote no totals to {output}")
-    return max(totals)
+        events = requests * events_per_request
+        run.check_rows(f"rows vs 2xx-acked events, ({letter}) {path} under callgrind, {requests} requests",
+                       wait_for_rows(run.server, service.database, events, 30.0), events)
+    return _total(output)
 
 
-def _send(port: int, headers: dict[str, str], body: bytes, requests: int) -> None:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+def _send(port: int, headers: dict[str, str], body: bytes, requests: int, path: str = "/events") -> None:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     try:
         for _ in range(requests):
-            connection.request("POST", "/events", body, headers)
+            connection.request("POST", path, body, headers)
             response = connection.getresponse()
             response.read()
-            if response.status != 202:
-                raise RuntimeError(f"POST /events under callgrind answered {response.status}, not 202")
+            if response.status not in (200, 202):
+                raise RuntimeError(f"POST {path} under callgrind answered {response.status}, not 2xx")
     finally:
         connection.close()

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from embedded import Embedded
-from instructions import FEWER, MORE, WARMUP, Instructions
+from instructions import BATCH_FEWER, BATCH_MORE, BATCH_WARMUP, FEWER, MORE, WARMUP, Instructions
 from harness import LOAD_CPU, OTHERS_CPU_WARNING, SERVICE_CPU, fmt_int, fmt_ms, median_or_zero, print_table, ratio
 from phases import Batches, Run, Single, StoreAlone
 from soak import TOLERANCE, Soak
@@ -95,6 +95,19 @@ def print_instructions(instructions: Instructions) -> None:
     print_table(
         [[f"({letter})", fmt_int(per_request[letter]), f"{instructions.over_a(letter):.3f}"] for letter in ("a", "b", "e")],
         ["phase", "instructions/request", "(a) ÷ this"],
+    )
+    batches = instructions.batches
+    if batches is None:
+        return
+    print(f"instructions per event of batches under callgrind ({BATCH_MORE} - {BATCH_FEWER} requests after "
+          f"{BATCH_WARMUP}; the codec alone in processes of their own):")
+    print_table(
+        [[f"({letter}) {path}", fmt_int(batches.service[letter]), fmt_int(batches.own_code[letter]),
+          f"{ratio(batches.own_code[letter], batches.service[letter]):.0%}", fmt_int(batches.plain[letter]),
+          fmt_int(batches.service[letter] - batches.own_code[letter])]
+         for letter, path in (("c", "POST /events"), ("f", "POST /v1/batch"))],
+        ["phase", "clickpulse process", "its decode + encode alone", "share", "plain msgspec (floor)",
+         "HTTP, pipeline, insert"],
     )
 
 
@@ -323,6 +336,14 @@ def summary(run: Run, parts: Parts) -> list[list[str]]:
                 why += (
                     f"; clickpulse's decode + encode in-process {own:.2f}, the other "
                     f"{value - own:.2f} HTTP, pipeline and insert"
+                )
+            counted_batches = parts.instructions.batches if parts.instructions else None
+            if counted_batches is not None:
+                letter = "c" if phase is batches.events else "f"
+                why += (
+                    f"; by instructions the codec is {ratio(counted_batches.own_code[letter], counted_batches.service[letter]):.0%} "
+                    f"of the process ({fmt_int(counted_batches.own_code[letter])} of {fmt_int(counted_batches.service[letter])}"
+                    f"/event, floor {fmt_int(counted_batches.plain[letter])})"
                 )
             why += f"; server CPU {phase.server_cpu_share:.0%}"
             rows.append([
