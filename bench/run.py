@@ -71,7 +71,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="rows ClickHouse alone and chDB alone insert, 10,000 an insert (default 1000000)")
     parser.add_argument("--soak-seconds", type=float, default=300.0, help="length of the soak (default 300; 0 skips it)")
     parser.add_argument("--soak-share", type=float, default=0.8,
-                        help="the soak's rate as a share of its calibration's req/s (default 0.8)")
+                        help="the soak's rate as a share of its calibrated maximum req/s (default 0.8)")
     parser.add_argument("--soak-rate", type=float, default=None,
                         help="the soak's rate in req/s, instead of a share of a calibration run just before it")
     parser.add_argument("--soak-connections", type=int, default=None,
