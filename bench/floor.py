@@ -148,6 +148,9 @@ if __name__ == "__main__":
     import sys
 
     name, times, events_path, segment_path = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    pieces = ("plain_events", "plain_segment", "clickpulse_events", "clickpulse_segment")
+    if name not in pieces:
+        sys.exit(f"usage: floor.py {{{'|'.join(pieces)}}} TIMES EVENTS_BODY SEGMENT_BODY")
     with open(events_path, "rb") as events_file, open(segment_path, "rb") as segment_file:
         chosen = getattr(works(events_file.read(), segment_file.read()), name)
     for _ in range(times):

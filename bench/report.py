@@ -335,7 +335,7 @@ def summary(run: Run, parts: Parts) -> list[list[str]]:
                 own = floors.clickpulse_events_us if phase is batches.events else floors.clickpulse_segment_us
                 why += (
                     f"; clickpulse's decode + encode in-process {own:.2f}, the other "
-                    f"{value - own:.2f} HTTP, pipeline and insert"
+                    f"{value - own:.2f} HTTP, pipeline, insert and that code running slower under load"
                 )
             counted_batches = parts.instructions.batches if parts.instructions else None
             if counted_batches is not None:

@@ -138,7 +138,8 @@ def backoff_seconds(attempt: int, draw: Callable[[float, float], float] = random
 
 def deduplication_token(body: bytes) -> str:
     """Derived from the rows alone, so a retry or a replay of the same rows carries the same one.
-    XXH3-128: a batch is dropped only if its token equals one of the table's last 1000 inserts'
-    (non_replicated_deduplication_window), as unlikely at 128 bits as with the SipHash-128 that
-    ClickHouse names its own insert blocks by; BLAKE2b cost 17 instructions a byte here."""
-    return xxhash.xxh3_128_hexdigest(body)
+    XXH3-128: a batch is dropped only if its token equals one within the table's deduplication
+    window, as unlikely at 128 bits as with the SipHash-128 ClickHouse names its own insert blocks
+    by. Not collision-resistant against rows crafted for it, but every batch carries the server's
+    own `received_at`, which no client chooses. BLAKE2b cost 17 instructions a byte here."""
+    return str(xxhash.xxh3_128_hexdigest(body))
