@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import enum
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -75,6 +76,15 @@ class Admission:
             self.kept_bytes -= size
         else:
             self.on_disk -= 1
+
+
+class KeptStop(enum.Enum):
+    """Why Replay._forward_kept stopped forwarding."""
+
+    EMPTY = "no kept record left"
+    UNSYNCED = "the head is not fsynced yet"
+    FULL = "the head does not fit in memory now"
+    YIELD = "YIELD_EVERY records forwarded: the event loop's turn"
 
 
 # A record kept in memory with its rows, not yet handed to the Batcher: (segment, offset, end
@@ -255,21 +265,49 @@ class Replay:
                 self._deliver(batch)
                 continue
             if kept:
-                head = kept[0]
-                if self._not_synced(head[0], head[2]):
+                stopped = self._forward_kept()
+                if stopped is KeptStop.UNSYNCED:
                     await self._wait_forwardable()
-                    continue
-                count, size = head[3], rows_size(head)
-                if not await self._reserve(count, size):
-                    return
-                kept.popleft()
-                self.admission.leave(True, count, size)
-                await self._forward(head[0], head[1], count, head[4], head[5], head[6], head[7])
+                elif stopped is KeptStop.YIELD:
+                    await asyncio.sleep(0)
+                elif stopped is KeptStop.FULL:  # the head waits for room, then goes alone
+                    head = kept[0]
+                    count, size = head[3], rows_size(head)
+                    if not await self._reserve(count, size):
+                        return
+                    kept.popleft()
+                    self.admission.leave(True, count, size)
+                    await self._forward(head[0], head[1], count, head[4], head[5], head[6], head[7])
             elif self._disk_next is not None:
                 if not await self._forward_from_disk(self._disk_next):
                     await self._wait_forwardable()
             else:
                 await self._wait_forwardable()
+
+    def _forward_kept(self) -> KeptStop:
+        """Forwards the fsynced kept records at the head that fit in memory now, without a turn of
+        the event loop between them: at ~25 records per fsync pass under load, one call per
+        pass instead of two coroutines per record. Says why it stopped."""
+        kept, memory, admission, unconfirmed, deliver = self._kept, self._memory, self.admission, self._unconfirmed, self._deliver
+        synced = self._synced()
+        synced_segment, synced_offset = synced.segment, synced.offset
+        while kept:
+            if self._since_yield >= YIELD_EVERY:  # a long replay must not starve requests and probes
+                self._since_yield = 0
+                return KeptStop.YIELD
+            segment, offset, end, count, received_at, rows, confirmation, received_ms = kept[0]
+            if segment > synced_segment or (segment == synced_segment and end > synced_offset):
+                return KeptStop.UNSYNCED
+            size = end - offset - HEADER.size
+            if not memory.try_reserve(count, size):
+                return KeptStop.FULL
+            kept.popleft()
+            admission.leave(True, count, size)
+            unconfirmed.forwarded(segment, offset, received_ms, count)
+            at = self._opened_at if received_at is None else received_at
+            deliver(Delivery(rows, count, at, SpoolPosition(segment, offset), confirmation))
+            self._since_yield += 1
+        return KeptStop.EMPTY
 
     async def _wait_forwardable(self) -> None:
         self._forwardable.clear()

@@ -15,6 +15,7 @@ import pytest
 
 from clickpulse.messages import Batch, SpoolPosition
 from clickpulse.spool import LEDGER_NAME, encode_record, scan_segment, segment_name
+from clickpulse.spool.replay import YIELD_EVERY
 from tests.spool.conftest import OpenSpool
 from tests.spool.helpers import (
     append_and_forward,
@@ -81,6 +82,34 @@ async def test_forwarding_waits_while_the_memory_limit_is_full(open_spool: OpenS
     await harness.forwarded.wait_for(2)
     assert harness.forwarded.payloads == [rows("a", 2), rows("b", 2)]
     assert harness.memory.held == 4
+
+
+async def test_a_long_backlog_in_memory_gives_the_event_loop_a_turn_every_yield_every_records(
+    open_spool: OpenSpool,
+) -> None:
+    # Forwarding many fsynced records is one synchronous stretch per YIELD_EVERY: a restart with
+    # thousands of kept records must not hold /healthz and new requests until all are forwarded.
+    first = await open_spool(capacity_events=100_000, run=False)
+    for index in range(1000):
+        await first.accept(rows(f"r{index}"), durable=False)
+    await first.shut()
+    second = await open_spool(capacity_events=100_000, run=False)
+    seen_between_turns: list[int] = []
+
+    async def other_task() -> None:
+        while len(second.forwarded.deliveries) < 1000:
+            seen_between_turns.append(len(second.forwarded.deliveries))
+            await asyncio.sleep(0)
+
+    watching = asyncio.create_task(other_task())
+    second.run()
+    await second.forwarded.wait_for(1000)
+    await watching
+
+    assert second.forwarded.payloads == [rows(f"r{index}") for index in range(1000)]
+    steps = [later - earlier for earlier, later in zip(seen_between_turns, seen_between_turns[1:])]
+    assert steps and max(steps) <= YIELD_EVERY, f"the longest stretch forwarded {max(steps, default=1000)} records"
+    assert sum(1 for count in seen_between_turns if 0 < count < 1000) >= 1000 // YIELD_EVERY
 
 
 async def test_records_beyond_the_memory_capacity_are_read_back_from_disk(open_spool: OpenSpool, spool_dir: Path) -> None:
