@@ -13,6 +13,12 @@ instructions per request, with start-up, warm-up and shutdown cancelled out. (a)
 same socket calls for all three: one recvfrom, one sendto per request) is not counted, so on an
 otherwise quiet machine the req/s ratio is a little nearer 1 than this one.
 
+Disk acks (target 4), the same way but with `CONCURRENT` connections sending at once, (b)'s
+settings beside (d)'s: one fsync pass covers every request waiting when it starts, which one
+connection at a time would never let happen; (b) at CONCURRENT connections ÷ (d) at CONCURRENT
+connections is the (d)/(b) req/s ratio if time were instructions (the fsync's own time, in the
+kernel, not counted).
+
 Batches (target 2), the same way: (b)'s settings answering `BATCH_WARMUP + BATCH_FEWER` and then
 `BATCH_WARMUP + BATCH_MORE` 1000-event POST /events (c) and 1000-message POST /v1/batch (f), and
 beside them, each in a process of its own under callgrind, the floor's pieces of work
@@ -28,6 +34,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +44,7 @@ from phases import EDGE_HEADERS, KEY_NAME, KEY_SECRET, ORIGIN, Run
 WARMUP = 300  # requests before the counted ones: imports done, caches and the allocator warm
 FEWER = 200
 MORE = 1200
+CONCURRENT = 32  # connections sending at once for the disk-ack pair, "b@32" and "d@32"
 BATCH_WARMUP = 5
 BATCH_FEWER = 5
 BATCH_MORE = 25
@@ -56,12 +64,18 @@ class BatchInstructions:
 
 @dataclass
 class Instructions:
-    per_request: dict[str, float]  # "a", "b", "e" → instructions per request
+    per_request: dict[str, float]  # "a", "b", "e", and "b@32", "d@32" (CONCURRENT) → instructions per request
     batches: BatchInstructions | None = None
 
     def over_a(self, letter: str) -> float:
         """(a)'s instructions ÷ this one's: the req/s ratio if time were instructions."""
         return self.per_request["a"] / self.per_request[letter] if self.per_request.get(letter) else 0.0
+
+    @property
+    def disk_over_memory(self) -> float:
+        """(b)'s instructions ÷ (d)'s, both at CONCURRENT connections: target 4 without the noise."""
+        disk = self.per_request.get(f"d@{CONCURRENT}")
+        return self.per_request[f"b@{CONCURRENT}"] / disk if disk else 0.0
 
 
 def valgrind() -> str | None:
@@ -88,6 +102,15 @@ def run_instructions(run: Run) -> Instructions:
         fewer, more = (_count(run, letter, settings, headers, WARMUP + requests) for requests in (FEWER, MORE))
         per_request[letter] = (more - fewer) / (MORE - FEWER)
         print(f"bench: ({letter}) under callgrind: {per_request[letter]:,.0f} instructions per request", flush=True)
+    for letter, settings in (("b", unflushed), ("d", {**unflushed, "ACK_MODE": "disk"})):
+        counts = []
+        for requests in (FEWER, MORE):
+            spool = {"SPOOL_DIR": str(run.workdir / f"callgrind-spool-{requests}")} if letter == "d" else {}
+            counts.append(_count(run, f"{letter}@{CONCURRENT}", {**settings, **spool}, plain, WARMUP + requests,
+                                 connections=CONCURRENT))
+        per_request[f"{letter}@{CONCURRENT}"] = (counts[1] - counts[0]) / (MORE - FEWER)
+        print(f"bench: ({letter}) under callgrind at {CONCURRENT} connections: "
+              f"{per_request[f'{letter}@{CONCURRENT}']:,.0f} instructions per request", flush=True)
     return Instructions(per_request, _count_batches(run, unflushed))
 
 
@@ -135,10 +158,10 @@ def _total(output: Path) -> int:
 
 def _count(
     run: Run, letter: str, settings: dict[str, str], headers: dict[str, str], requests: int, *,
-    path: str = "/events", body: bytes | None = None, events_per_request: int = 1,
+    path: str = "/events", body: bytes | None = None, events_per_request: int = 1, connections: int = 1,
 ) -> int:
     """Instructions of one whole process's life that answered `requests` POSTs of `body` (the
-    single event unless given) to `path`."""
+    single event unless given) to `path`, sent over `connections` at once."""
     body = run.bodies.single.read_bytes() if body is None else body
     output = run.workdir / f"callgrind-{letter}-{requests}.out"
     tool = [valgrind() or "valgrind", "--tool=callgrind", f"--callgrind-out-file={output}"]
@@ -167,7 +190,7 @@ def _count(
         run.processes.append(service.process)
         service.wait_ready(180.0)
         port = int(service.url.rsplit(":", 1)[1])
-        _send(port, headers, body, requests, path)
+        _send_concurrently(port, headers, body, requests, path, connections)
         anomalies: list[str] = []
         status = service.stop(anomalies)
         run.anomalies.extend(anomalies)
@@ -178,6 +201,29 @@ def _count(
         run.check_rows(f"rows vs 2xx-acked events, ({letter}) {path} under callgrind, {requests} requests",
                        wait_for_rows(run.server, service.database, events, 30.0), events)
     return _total(output)
+
+
+def _send_concurrently(port: int, headers: dict[str, str], body: bytes, requests: int, path: str, connections: int) -> None:
+    """`requests` POSTs, spread over `connections` threads with a keep-alive connection each."""
+    if connections == 1:
+        _send(port, headers, body, requests, path)
+        return
+    failures: list[BaseException] = []
+
+    def send_share(share: int) -> None:
+        try:
+            _send(port, headers, body, share, path)
+        except BaseException as error:  # re-raised below, in the caller's thread
+            failures.append(error)
+
+    shares = [requests // connections + (index < requests % connections) for index in range(connections)]
+    threads = [threading.Thread(target=send_share, args=(share,)) for share in shares]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failures:
+        raise failures[0]
 
 
 def _send(port: int, headers: dict[str, str], body: bytes, requests: int, path: str = "/events") -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from embedded import Embedded
-from instructions import BATCH_FEWER, BATCH_MORE, BATCH_WARMUP, FEWER, MORE, WARMUP, Instructions
+from instructions import BATCH_FEWER, BATCH_MORE, BATCH_WARMUP, CONCURRENT, FEWER, MORE, WARMUP, Instructions
 from harness import LOAD_CPU, OTHERS_CPU_WARNING, SERVICE_CPU, fmt_int, fmt_ms, median_or_zero, print_table, ratio
 from phases import Batches, Run, Single, StoreAlone
 from soak import TOLERANCE, Soak
@@ -96,6 +96,14 @@ def print_instructions(instructions: Instructions) -> None:
         [[f"({letter})", fmt_int(per_request[letter]), f"{instructions.over_a(letter):.3f}"] for letter in ("a", "b", "e")],
         ["phase", "instructions/request", "(a) ÷ this"],
     )
+    if f"d@{CONCURRENT}" in per_request:
+        print(f"and at {CONCURRENT} connections at once, where one fsync pass serves many disk-ack requests:")
+        print_table(
+            [[f"({letter}) {what}", fmt_int(per_request[f"{letter}@{CONCURRENT}"])]
+             for letter, what in (("b", "memory acks"), ("d", "disk acks"))]
+            + [["(b) ÷ (d)", f"{instructions.disk_over_memory:.3f}"]],
+            ["phase", "instructions/request"],
+        )
     batches = instructions.batches
     if batches is None:
         return
@@ -405,6 +413,14 @@ def summary(run: Run, parts: Parts) -> list[list[str]]:
             f">= {TARGET_DISK_RATIO:.2f}",
             verdict(value >= TARGET_DISK_RATIO, f"{why}; per round " + ", ".join(f"{r.d_over_b:.2f}" for r in rounds),
                     rounds_noise(rounds, "b", "d")),
+        ])
+    if counted is not None and f"d@{CONCURRENT}" in counted.per_request:
+        value = counted.disk_over_memory
+        rows.append([
+            f"4. disk acks, instructions: (b)'s per request ÷ (d)'s, {CONCURRENT} connections",
+            f"{value:.3f} ({fmt_int(counted.per_request[f'd@{CONCURRENT}'])}/request)",
+            f"(b) memory acks {fmt_int(counted.per_request[f'b@{CONCURRENT}'])}/request", f">= {TARGET_DISK_RATIO:.2f}",
+            verdict(value >= TARGET_DISK_RATIO, "callgrind: the same whatever the machine does; fsync and the write, in the kernel, not counted"),
         ])
     embedded = parts.embedded
     if embedded is not None and embedded.alones:
