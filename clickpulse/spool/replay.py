@@ -288,25 +288,20 @@ class Replay:
         """Forwards the fsynced kept records at the head that fit in memory now, without a turn of
         the event loop between them: at ~25 records per fsync pass under load, one call per
         pass instead of two coroutines per record. Says why it stopped."""
-        kept, memory, admission, unconfirmed, deliver = self._kept, self._memory, self.admission, self._unconfirmed, self._deliver
-        synced = self._synced()
-        synced_segment, synced_offset = synced.segment, synced.offset
+        kept = self._kept
         while kept:
             if self._since_yield >= YIELD_EVERY:  # a long replay must not starve requests and probes
                 self._since_yield = 0
                 return KeptStop.YIELD
-            segment, offset, end, count, received_at, rows, confirmation, received_ms = kept[0]
-            if segment > synced_segment or (segment == synced_segment and end > synced_offset):
+            head = kept[0]
+            if self._not_synced(head[0], head[2]):
                 return KeptStop.UNSYNCED
-            size = end - offset - HEADER.size
-            if not memory.try_reserve(count, size):
+            count, size = head[3], rows_size(head)
+            if not self._memory.try_reserve(count, size):
                 return KeptStop.FULL
             kept.popleft()
-            admission.leave(True, count, size)
-            unconfirmed.forwarded(segment, offset, received_ms, count)
-            at = self._opened_at if received_at is None else received_at
-            deliver(Delivery(rows, count, at, SpoolPosition(segment, offset), confirmation))
-            self._since_yield += 1
+            self.admission.leave(True, count, size)
+            self._hand_over(head[0], head[1], count, head[4], head[5], head[6], head[7])
         return KeptStop.EMPTY
 
     async def _wait_forwardable(self) -> None:
@@ -345,13 +340,26 @@ class Replay:
         confirmation: asyncio.Future[int] | None,
         received_ms: int,
     ) -> None:
+        self._hand_over(segment, offset, count, received_at, rows, confirmation, received_ms)
+        if self._since_yield >= YIELD_EVERY:  # a long replay must not starve requests and probes
+            self._since_yield = 0
+            await asyncio.sleep(0)
+
+    def _hand_over(
+        self,
+        segment: int,
+        offset: int,
+        count: int,
+        received_at: float | None,
+        rows: bytes,
+        confirmation: asyncio.Future[int] | None,
+        received_ms: int,
+    ) -> None:
+        """Delivers one record (its events reserved) to the Batcher; it is forwarded, unconfirmed."""
         at = self._opened_at if received_at is None else received_at
         self._unconfirmed.forwarded(segment, offset, received_ms, count)
         self._deliver(Delivery(rows, count, at, SpoolPosition(segment, offset), confirmation))
         self._since_yield += 1
-        if self._since_yield >= YIELD_EVERY:  # a long replay must not starve requests and probes
-            self._since_yield = 0
-            await asyncio.sleep(0)
 
     def _received_at(self, position: SpoolPosition, received_ms: int) -> float | None:
         """A disk-waiting record's received_at, on the loop's clock, from its receipt time."""
