@@ -5,7 +5,6 @@ of these plus its own limits."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from clickpulse.http.edge import Edge
@@ -16,13 +15,21 @@ from clickpulse.metrics import ReceiverMetrics
 from clickpulse.ports import IntakePort
 
 
+@dataclass(slots=True)
+class Draining:
+    """Whether intake has stopped (answer 503 shutting_down): set once by the app at shutdown.
+    An attribute rather than a callable, as every request reads it."""
+
+    started: bool = False
+
+
 @dataclass(frozen=True, slots=True)
 class AdapterWiring:
     intake: IntakePort
     max_batch_events: int
     ack_mode: AckMode
     ack_timeout: float
-    draining: Callable[[], bool]  # intake has stopped: answer 503 shutting_down
+    draining: Draining
     pipeline_down: asyncio.Future[None]  # an actor died: waiting requests are answered 503
     rejections: Rejections
     metrics: ReceiverMetrics

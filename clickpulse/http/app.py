@@ -12,7 +12,7 @@ from typing import Any
 from aiohttp import hdrs, web
 
 from clickpulse.access_log import RequestMetrics, request_log_class, request_logger
-from clickpulse.http.adapter import AdapterWiring
+from clickpulse.http.adapter import AdapterWiring, Draining
 from clickpulse.http.edge import Edge
 from clickpulse.http.enrich import Enricher
 from clickpulse.http.events import EventsEndpoint
@@ -60,7 +60,7 @@ class HttpApp:
         self._metrics = metrics
         self._request_metrics = RequestMetrics(metrics.receiver)
         self._access_log = access_log
-        self._draining = False
+        self._draining = Draining()
         self._keepalive_timeout = keepalive_timeout
         rejections = rejections if rejections is not None else Rejections(metrics.receiver)
         self.rejections = rejections
@@ -74,7 +74,7 @@ class HttpApp:
             max_batch_events=max_batch_events,
             ack_mode=ack_mode,
             ack_timeout=ack_timeout,
-            draining=lambda: self._draining,
+            draining=self._draining,
             pipeline_down=pipeline_down,
             rejections=rejections,
             metrics=metrics.receiver,
@@ -157,7 +157,7 @@ class HttpApp:
 
     def stop_intake(self) -> None:
         """From now on POST /events answers 503 and /readyz reports shutting down."""
-        self._draining = True
+        self._draining.started = True
 
     async def run_query(self, request: web.Request) -> web.Response:
         """Only with the embedded store, only from this machine, only statements that read: how
@@ -199,7 +199,7 @@ class HttpApp:
         return json_response(200, {"status": "ok"})
 
     async def readyz(self, request: web.Request) -> web.Response:
-        reason = "shutting down" if self._draining else self._not_ready_reason()
+        reason = "shutting down" if self._draining.started else self._not_ready_reason()
         if reason:
             return json_response(503, {"status": "not ready", "reason": reason})
         return json_response(200, {"status": "ready"})

@@ -25,7 +25,7 @@ from aiohttp import hdrs, web
 
 from clickpulse.collectors import LabelKey
 from clickpulse.http.bodies import BodyError, InflightBodies, decode, encoding_of, read_raw
-from clickpulse.http.keys import RESERVED_NAME, IngestKey, KeyStore, presented_secret
+from clickpulse.http.keys import RESERVED_NAME, IngestKey, KeyStore, Presented, presented_secret
 from clickpulse.http.origins import OriginPatterns
 from clickpulse.http.ratelimit import Network, TokenBuckets, Verdict, client_address
 from clickpulse.http.responses import Rejections
@@ -88,6 +88,7 @@ class Edge:
         self._by_key: dict[str, TokenBuckets] = {}
         self._key_series: dict[str, LabelKey] = {}  # key name → its events_by_key series
         self._allowed_origins = cors_origins
+        self._keyed = keys.configured  # the file may change on SIGHUP, whether there is one does not
         self._apply_keys()
 
     @property
@@ -118,9 +119,10 @@ class Edge:
                 else:
                     by_key[key.name] = TokenBuckets(key.events_per_second, key.burst or 1, self._clock, max_entries=1)
         self._by_key = by_key
+        self.rate_limited = bool(by_key) or self._by_address is not None  # else `charge` has nothing to do
         for name in (NO_KEY_LABEL, *ring.names):
             self._metrics.events_by_key.add({"key": name}, 0)
-        self._passive = not self._keys.configured and not origins and self._by_address is None
+        self._passive = not self._keyed and not origins and self._by_address is None
 
     # -- admission -----------------------------------------------------------------------------
 
@@ -134,9 +136,16 @@ class Edge:
         allowed_origin = origin if origin is not None and self._allowed_origins.allows(origin) else None
         admission = Admission(origin=allowed_origin)
         key: IngestKey | None = None
-        if self._keys.configured:
-            query_key = request.query.get("key") if request.query_string else None
-            presented = presented_secret(headers.get(hdrs.AUTHORIZATION), query_key)
+        if self._keyed:
+            authorization = headers.get(hdrs.AUTHORIZATION)
+            bearer = ""
+            if authorization is not None and authorization.startswith("Bearer "):
+                bearer = authorization[7:].strip()
+            if bearer:  # as nearly every server-side client sends it: nothing else to parse
+                presented: Presented = (bearer, "header")
+            else:
+                query_key = request.query.get("key") if request.query_string else None
+                presented = presented_secret(authorization, query_key)
             if presented is None and body_secret:
                 presented = (body_secret, "header")  # a body is as private as a header
             if presented is None:
@@ -178,6 +187,8 @@ class Edge:
         """The client's address: the socket's peer, or X-Forwarded-For from TRUSTED_PROXIES."""
         if admission.client:
             return admission.client
+        if not self._trusted:  # no proxy to believe: the socket's peer, nothing to parse
+            return request.remote or ""
         return client_address(
             request.remote, request.headers.get(hdrs.X_FORWARDED_FOR) if self._trusted else None, self._trusted
         )

@@ -58,11 +58,12 @@ class EventsEndpoint:
 
     async def _post(self, request: web.Request, admission: Admission) -> web.Response:
         reject = self._rejections.reject
-        if self._draining():
+        if self._draining.started:
             return self._rejections.unavailable(
                 "shutting_down", "clickpulse is shutting down; retry on another instance", RETRY_AFTER_SHUTTING_DOWN
             )
-        ack_mode = self._ack_mode_of(request)
+        # Without a query string (the common case) the service's mode, and no call to parse one.
+        ack_mode = self._ack_mode if not request.query_string else self._ack_mode_of(request)
         if ack_mode is None:
             return reject("invalid", 400, f"unknown ack mode; use ack={', '.join(ACK_MODES)} or wait=true")
         if ack_mode == "disk" and not self._intake.takes_durable:
@@ -109,9 +110,10 @@ class EventsEndpoint:
             )
         if not count:
             return json_response(202, {"status": "accepted", "accepted": 0})
-        limited = self._edge.charge(admission, count)
-        if limited is not None:
-            return limited
+        if edge.rate_limited:
+            limited = edge.charge(admission, count)
+            if limited is not None:
+                return limited
         rows = self._encoder.encode(events)
         loop = self._loop
         confirmation = loop.create_future() if ack_mode == "clickhouse" else None
@@ -168,9 +170,7 @@ class EventsEndpoint:
         return value
 
     def _ack_mode_of(self, request: web.Request) -> AckMode | None:
-        """The request's acknowledgement mode, or None when its query asks for an unknown one."""
-        if not request.query_string:  # the common case, without parsing a query
-            return self._ack_mode
+        """The acknowledgement mode the request's query asks for, or None when it is unknown."""
         query = request.query
         if query.get("wait", "").lower() in ("true", "1", "yes"):
             return "clickhouse"

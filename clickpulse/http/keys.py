@@ -1,10 +1,11 @@
 """Ingest keys: INGEST_KEYS_FILE (TOML), how a request presents one, and reload on SIGHUP.
 
 A key has a name (logged, stored with each row, a metric label) and a secret (never logged,
-never in an answer or a metric). Secrets are looked up by their BLAKE2s-256 digest and then
-compared with `hmac.compare_digest`, so neither the lookup nor the comparison depends on how much
-of a guessed secret is right. (BLAKE2s rather than SHA-256: as strong for this, and 0.3 µs per
-request instead of 0.7 for a short secret.)
+never in an answer or a metric). Secrets are looked up by their BLAKE2s-256 digest: the lookup
+compares digests, never secrets, so how long it takes says nothing of how much of a guessed
+secret is right (one character more or less changes every byte of the digest), and a constant-time
+comparison after it would compare two equal digests. (BLAKE2s rather than SHA-256: as strong for
+this, and 0.3 µs per request instead of 0.7 for a short secret.)
 
 - `server` keys are presented only in a header: `Authorization: Bearer <secret>`, or HTTP Basic
   with the secret as the user name (what analytics SDKs send).
@@ -17,7 +18,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import hmac
 import logging
 import re
 import tomllib
@@ -73,11 +73,8 @@ class KeyRing:
         return tuple(key.name for key in self.keys)
 
     def find(self, secret: str) -> IngestKey | None:
-        digest = _digest(secret)
-        key = self._by_digest.get(digest)
-        if key is None or not hmac.compare_digest(key.digest, digest):
-            return None
-        return key
+        # `_digest` written out: this runs for every request with a key, and a call costs more than it.
+        return self._by_digest.get(hashlib.blake2s(secret.encode()).digest())
 
     @property
     def browser_origins(self) -> Iterable[OriginPatterns]:

@@ -149,7 +149,7 @@ class SegmentEndpoint:
         self, request: web.Request, admission: Admission, kind: MessageType | None, body: bytes | None
     ) -> web.Response:
         reject = self._rejections.reject
-        if self._draining():
+        if self._draining.started:
             return self._rejections.unavailable(
                 "shutting_down", "clickpulse is shutting down; retry on another instance", RETRY_AFTER
             )

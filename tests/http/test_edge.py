@@ -95,6 +95,29 @@ async def test_a_server_key_as_bearer_or_basic_user_is_accepted_and_its_name_sto
     assert SERVER_SECRET not in metrics and BROWSER_SECRET not in metrics
 
 
+async def test_every_spelling_of_a_bearer_header_is_read_alike_and_a_blank_one_is_none(
+    make_app: MakeApp, keys_file: Path
+) -> None:
+    app = await make_app(keys_file=keys_file)
+    spellings = (f"Bearer {SERVER_SECRET}", f"Bearer   {SERVER_SECRET}  ", f"bearer {SERVER_SECRET}",
+                 f"  BEARER {SERVER_SECRET}")
+
+    def authorization(value: str) -> dict[str, str]:
+        return {"Authorization": value, "Content-Type": "application/json"}
+
+    accepted = [
+        (await app.client.post("/events", data=ONE, headers=authorization(spelling))).status for spelling in spellings
+    ]
+    blank = await app.client.post("/events", data=ONE, headers=authorization("Bearer    "))
+    # A header's key is the request's key: one in the query beside it is not looked at.
+    both = await app.post(ONE, query=f"key={BROWSER_SECRET}", headers=bearer(SERVER_SECRET))
+
+    assert accepted == [202] * len(spellings)
+    assert "an ingest key is needed" in await json_error(blank, 401)
+    assert both.status == 202
+    assert stored_keys(app) == ["backend"] * (len(spellings) + 1)
+
+
 async def test_a_server_key_in_the_url_is_refused(make_app: MakeApp, keys_file: Path) -> None:
     app = await make_app(keys_file=keys_file)
 
@@ -195,6 +218,15 @@ async def test_preflight_from_an_allowed_origin_is_204_with_the_cors_headers(mak
     assert response.headers["Access-Control-Allow-Headers"] == "Content-Type, Authorization, Content-Encoding"
     assert int(response.headers["Access-Control-Max-Age"]) > 0
     assert response.headers["Vary"] == "Origin"
+
+
+async def test_an_allowed_origin_in_capitals_is_allowed_and_answered_as_sent(make_app: MakeApp) -> None:
+    app = await make_app(cors_origins=("https://app.example",))
+
+    response = await app.post(ONE, headers={"Origin": "HTTPS://App.Example"})
+
+    assert response.status == 202
+    assert response.headers["Access-Control-Allow-Origin"] == "HTTPS://App.Example"
 
 
 async def test_preflight_and_post_from_another_origin_get_no_cors_headers_and_store_nothing(
