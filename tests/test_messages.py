@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 
 import pytest
 
-from clickpulse.messages import Batch, Delivery, PipelineDown, RowsRejected
+from clickpulse.messages import Batch, Delivery, PipelineDown, RowsRejected, SpoolPosition
 
 
 def delivery(count: int, confirmed: bool = True) -> Delivery:
@@ -56,3 +57,14 @@ async def test_body_joins_the_rows_of_every_delivery_once() -> None:
     first, second = delivery(1), delivery(2)
     assert Batch([first, second], "size").body() == first.rows + second.rows
     assert Batch([first], "size").body() is first.rows
+
+
+def test_a_delivery_is_out_of_the_collectors_sight_even_with_a_waiter() -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        confirmation: asyncio.Future[int] = loop.create_future()
+        delivery = Delivery(b'{"a":1}\n', 1, 0.0, SpoolPosition(1, 0), confirmation)
+        assert not gc.is_tracked(delivery)
+        assert gc.is_tracked(confirmation)  # what it holds is still collected as usual
+    finally:
+        loop.close()
