@@ -88,12 +88,11 @@ class Gauge(_FastValues, _Gauge):
 
 
 class _HistogramState:
-    __slots__ = ("counts", "total", "observations")
+    __slots__ = ("counts", "total")
 
     def __init__(self, buckets: int) -> None:
-        self.counts = [0] * buckets  # per bucket, not cumulative
+        self.counts = [0] * buckets  # per bucket, not cumulative; their sum is the observations'
         self.total = 0.0
-        self.observations = 0
 
 
 class Histogram(_FastValues, _Histogram):
@@ -119,7 +118,6 @@ class Histogram(_FastValues, _Histogram):
             state = self._store[key] = _HistogramState(len(self._bounds))
         state.counts[bisect.bisect_left(self._bounds, value)] += 1
         state.total += value
-        state.observations += 1
 
     observe = add  # type: ignore[assignment]  # `add` above: numbers only
 
@@ -130,6 +128,6 @@ class Histogram(_FastValues, _Histogram):
         for bound, count in zip(self._bounds, state.counts):
             cumulative += count
             values[bound] = cumulative
-        values[self.COUNT_KEY] = state.observations
+        values[self.COUNT_KEY] = cumulative  # the +Inf bucket's: every observation
         values[self.SUM_KEY] = state.total
         return values
