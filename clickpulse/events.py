@@ -138,14 +138,15 @@ class EventIds:
         """The current millisecond's prefix and the first of `count` counter values."""
         milliseconds = time.time_ns() // 1_000_000
         if milliseconds != self._millisecond or self._next + count > self._COUNTER_SPAN:
-            draw = self._random.getrandbits
+            # One draw: 12 random bits, 14 random bits, and the counter's start in the low half of
+            # its range, so that a millisecond's requests never exhaust it.
+            bits = self._random.getrandbits(73)
             self._millisecond = milliseconds
             self._prefix = (
-                f"{milliseconds >> 16 & 0xFFFFFFFF:08x}-{milliseconds & 0xFFFF:04x}-7{draw(12):03x}-"
-                f"{0x8000 | draw(14):04x}-"
+                f"{milliseconds >> 16 & 0xFFFFFFFF:08x}-{milliseconds & 0xFFFF:04x}-7{bits >> 61:03x}-"
+                f"{0x8000 | bits >> 47 & 0x3FFF:04x}-"
             )
-            # The low half of the counter's range, so a millisecond's requests never exhaust it.
-            self._next = draw(47)
+            self._next = bits & 0x7FFF_FFFF_FFFF
         start = self._next
         self._next = start + count
         return self._prefix, start
