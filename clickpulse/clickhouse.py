@@ -43,6 +43,9 @@ class SlicedBody(aiohttp.BytesPayload):
     the headers, and aiohttp waits for the transport to drain before the next, so the socket takes
     most slices straight from the rows."""
 
+    async def write(self, writer: AbstractStreamWriter) -> None:
+        await self.write_with_length(writer, None)  # what aiohttp before 3.12 calls
+
     async def write_with_length(self, writer: AbstractStreamWriter, content_length: int | None) -> None:
         body = memoryview(self._value)
         if content_length is not None:
