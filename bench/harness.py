@@ -42,10 +42,11 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 # -- processes ------------------------------------------------------------------------------------
 
 
-def child_env(**extra: str) -> dict[str, str]:
+def child_env(root: Path = ROOT, **extra: str) -> dict[str, str]:
+    """`root`: the checkout whose clickpulse the child imports (bench/compare.py runs another)."""
     # Nothing that configures clickpulse may leak in from the caller's environment.
     env = clean_environment(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONPATH"] = str(root) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)
     return env
@@ -436,11 +437,12 @@ class Clickpulse:
 
 def start_clickpulse(
     label: str, server: ClickHouseServer | None, workdir: Path, log_name: str, cpu: str = SERVICE_CPU,
-    prefix: Sequence[str] = (), **extra: str,
+    prefix: Sequence[str] = (), root: Path = ROOT, **extra: str,
 ) -> Clickpulse:
     """A `python -m clickpulse` pinned to `cpu`, on a free port, with its own fresh `bench_…`
     database on `server`; with `server` None, the embedded store (set DATA_DIR in `extra`).
-    `prefix`: a command that runs it (valgrind, for bench/instructions.py)."""
+    `prefix`: a command that runs it (valgrind, for bench/instructions.py); `root`: the checkout
+    it runs from."""
     port = free_port()
     log = workdir / log_name
     settings = dict(HTTP_HOST="127.0.0.1", HTTP_PORT=str(port), FLUSH_INTERVAL="1s", LOG_LEVEL="WARNING")
@@ -453,7 +455,7 @@ def start_clickpulse(
     with open(log, "wb") as stderr:
         process = subprocess.Popen(
             ["taskset", "-c", cpu, *prefix, sys.executable, "-m", "clickpulse"],
-            env=child_env(**settings), cwd=ROOT, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr,
+            env=child_env(root, **settings), cwd=root, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr,
         )
     return Clickpulse(label, process, f"http://127.0.0.1:{port}", database, log)
 
