@@ -16,7 +16,6 @@ this, and 0.3 µs per request instead of 0.7 for a short secret.)
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import logging
 import re
@@ -73,8 +72,10 @@ class KeyRing:
         return tuple(key.name for key in self.keys)
 
     def find(self, secret: str) -> IngestKey | None:
-        # `_digest` written out: this runs for every request with a key, and a call costs more than it.
-        return self._by_digest.get(hashlib.blake2s(secret.encode()).digest())
+        # `_digest` written out: this runs for every request with a key, and a call costs more than
+        # it. A presented secret may hold surrogates (aiohttp decodes a header's bytes that are not
+        # UTF-8 into them, JSON escapes can make them): encoded as they come, they match no key.
+        return self._by_digest.get(hashlib.blake2s(secret.encode("utf-8", "surrogatepass")).digest())
 
     @property
     def browser_origins(self) -> Iterable[OriginPatterns]:
@@ -179,7 +180,7 @@ def presented_secret(authorization: str | None, query_key: str | None) -> Presen
         if scheme == "basic" and value:
             try:
                 decoded = base64.b64decode(value, validate=True).decode()
-            except (binascii.Error, UnicodeDecodeError):
+            except (ValueError, UnicodeDecodeError):  # binascii.Error, or text that is not ASCII
                 return None
             user, _, password = decoded.partition(":")
             secret = user or password  # the secret as user name (SDKs); some send it as the password

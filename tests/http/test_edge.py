@@ -118,6 +118,31 @@ async def test_every_spelling_of_a_bearer_header_is_read_alike_and_a_blank_one_i
     assert stored_keys(app) == ["backend"] * (len(spellings) + 1)
 
 
+async def test_a_key_header_with_bytes_that_are_not_utf8_or_ascii_is_a_401_not_a_500(
+    make_app: MakeApp, keys_file: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = await make_app(keys_file=keys_file)
+    body = encode(event_object(0))
+
+    def request(authorization: bytes) -> bytes:
+        return (
+            b"POST /events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Authorization: " + authorization + b"\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body
+        )
+
+    with caplog.at_level(logging.INFO):
+        not_utf8 = await raw_request(app, request(b"Bearer sk_\xff\xfe" + SERVER_SECRET.encode()))
+        basic_not_ascii = await raw_request(app, request("Basic \u00e9t\u00e9".encode()))
+
+    assert not_utf8.startswith(b"HTTP/1.1 401"), not_utf8[:200]
+    assert b"unknown ingest key" in not_utf8
+    assert basic_not_ascii.startswith(b"HTTP/1.1 401"), basic_not_ascii[:200]
+    assert b"an ingest key is needed" in basic_not_ascii
+    assert app.pipeline.deliveries == []
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR or record.exc_info]
+
+
 async def test_a_server_key_in_the_url_is_refused(make_app: MakeApp, keys_file: Path) -> None:
     app = await make_app(keys_file=keys_file)
 
