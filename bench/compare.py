@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                                 check=True, capture_output=True, text=True).stdout.strip()
         server = start_clickhouse(workdir / "clickhouse", ["taskset", "-c", LOAD_CPU, *clickhouse_command])
         a = start_clickpulse(f"A ({args.base}, {commit})", server, workdir, "a.log", root=base_tree, **settings)
-        b = start_clickpulse("B (this checkout)", server, workdir, "b.log", **settings, **dict(args.b_setting))
+        b = start_clickpulse("B (this checkout)", server, workdir, "b.log", **{**settings, **dict(args.b_setting)})
         services = [a, b]
         acknowledged = {"A": 0, "B": 0}
         for letter, service in (("A", a), ("B", b)):
