@@ -101,7 +101,9 @@ class Batch:
 
 
 def fail_waiter(confirmation: asyncio.Future[int] | None, error: BaseException) -> None:
-    """Completes a request's confirmation with `error`, unless it is already complete."""
+    """Completes a request's confirmation with `error`, unless it is already complete.
+    Give it errors made to be set here, never caught ones: a traceback's frames can refer to a
+    Delivery, which the collector does not track (`gc=False`), and the cycle would never be freed."""
     if confirmation is not None and not confirmation.done():
         confirmation.set_exception(error)
         # Nobody may be awaiting it any more (the request timed out): not an "unretrieved" error.
