@@ -36,8 +36,9 @@ class Delivery(msgspec.Struct, gc=False):
 
     `gc=False`: a second of single-event traffic is tens of thousands of Deliveries waiting for
     their batch, and the collector walked each of them again and again as they aged through its
-    generations. None can be part of a reference cycle: what a Delivery holds (bytes, numbers, a
-    position, a future that only callbacks of its waiter reference) never refers back to it."""
+    generations. No cycle through a Delivery outlives its batch: what it holds (bytes, numbers, a
+    position, a future) leads back to it only through the waiting request's task and the running
+    pipeline that holds the Delivery, and that path ends when the batch resolves the future."""
 
     rows: bytes
     count: int
