@@ -4,6 +4,7 @@ configuration (--check-config) or run one query (`query SQL`)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import sys
@@ -42,7 +43,10 @@ class JsonLogFormatter(logging.Formatter):
             entry.update({key: value for key, value in fields.items() if key not in entry})
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return self._encoder.encode(entry).decode()
+        try:
+            return self._encoder.encode(entry).decode()
+        except UnicodeEncodeError:  # a header's bytes that were not UTF-8 (a User-Agent): escaped
+            return json.dumps(entry, ensure_ascii=True, default=str, separators=(",", ":"))
 
 
 def configure_logging(config: Config) -> None:

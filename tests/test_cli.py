@@ -4,6 +4,7 @@ configuration errors a failed start turns into (one line naming the setting, exi
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import re
 import socket
@@ -133,3 +134,13 @@ def test_a_bind_failure_during_start_is_one_line_exit_2_and_closes_everything(
 def test_start_errors_name_their_setting(error: OSError, variable: str) -> None:
     config = Config(spool_dir=Path("/srv/spool"))
     assert start_error(config, error).startswith(f"invalid {variable}=")
+
+
+def test_a_json_log_line_with_a_header_that_was_not_utf8_is_still_one_json_object() -> None:
+    record = logging.LogRecord("clickpulse.access", logging.INFO, __file__, 1, "POST /events", None, None)
+    record.fields = {"path": "/events", "user_agent": "bot/\udcff1"}
+
+    line = cli.JsonLogFormatter().format(record)
+
+    assert "\n" not in line and line.isascii()
+    assert json.loads(line)["user_agent"] == "bot/\udcff1"  # escaped, not lost

@@ -9,6 +9,7 @@ and per client), like the ingest key's name.
 from __future__ import annotations
 
 import ipaddress
+import re
 import time
 from datetime import datetime, timezone
 
@@ -19,6 +20,17 @@ from aiohttp import hdrs, web
 from clickpulse.config import EnrichIp
 
 _encode = msgspec.json.encode
+# aiohttp decodes a header's bytes that are not UTF-8 into lone surrogates, which JSON text
+# cannot hold (msgspec refuses to encode them).
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def header_text_value(text: str) -> bytes:
+    """A header's text as an encoded JSON string; each byte of it that was not UTF-8 is U+FFFD."""
+    try:
+        return _encode(text)
+    except UnicodeEncodeError:
+        return _encode(_SURROGATE.sub("\ufffd", text))
 
 
 def anonymize(address: str) -> str:
@@ -88,7 +100,7 @@ class Enricher:
         agent = request.headers.get(hdrs.USER_AGENT)
         return (
             b'"ip":' + _encode(ip) if ip is not None else b"",
-            b'"userAgent":' + _encode(agent) if agent else b"",
+            b'"userAgent":' + header_text_value(agent) if agent else b"",
         )
 
     def context(self, request: web.Request, client: str) -> bytes:

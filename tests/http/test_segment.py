@@ -3,8 +3,10 @@ and its two mapping paths held to the same rows."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import gzip
+import logging
 import random
 import uuid
 from collections.abc import Callable
@@ -236,6 +238,31 @@ async def test_enrich_ip_modes_on_v1_and_events(make_app: MakeApp, mode: Any, ip
     assert first == expected and plain == expected
     assert own == {"ip": "1.1.1.1", "userAgent": "ua/1"}  # the sender's own context.ip is kept
     assert all("received_at" in row for row in rows(app))
+
+
+async def test_a_user_agent_that_is_not_utf8_is_stored_with_replacement_characters_on_v1_and_events(
+    make_app: MakeApp, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = await make_app()
+
+    async def raw_post(path: bytes, body: bytes) -> bytes:
+        reader, writer = await asyncio.open_connection(app.client.server.host, app.client.server.port)
+        writer.write(
+            b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"User-Agent: bot/\xff\xfe1\r\nContent-Length: " + str(len(body)).encode() + b"\r\n"
+            b"Connection: close\r\n\r\n" + body
+        )
+        answer = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        return answer.split(b"\r\n", 1)[0]
+
+    with caplog.at_level(logging.INFO):
+        v1 = await raw_post(b"/v1/track", encode({"event": "e", "userId": "u"}))
+        events = await raw_post(b"/events", encode({"event_type": "x", "source": "s", "created_at": "2026-01-01T00:00:00Z"}))
+
+    assert (v1, events) == (b"HTTP/1.1 200 OK", b"HTTP/1.1 202 Accepted")
+    assert [msgspec.json.decode(row["context"])["userAgent"] for row in rows(app)] == ["bot/\ufffd\ufffd1"] * 2
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR or record.exc_info]
 
 
 async def test_settings_point_analytics_js_at_this_host(app: App) -> None:
