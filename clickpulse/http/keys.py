@@ -57,7 +57,9 @@ class IngestKey:
 
 
 def _digest(secret: str) -> bytes:
-    return hashlib.blake2s(secret.encode()).digest()
+    # A presented secret may hold surrogates (aiohttp decodes a header's bytes that are not UTF-8
+    # into them): encoded as they come, they match no key instead of raising.
+    return hashlib.blake2s(secret.encode("utf-8", "surrogatepass")).digest()
 
 
 class KeyRing:
@@ -72,10 +74,7 @@ class KeyRing:
         return tuple(key.name for key in self.keys)
 
     def find(self, secret: str) -> IngestKey | None:
-        # `_digest` written out: this runs for every request with a key, and a call costs more than
-        # it. A presented secret may hold surrogates (aiohttp decodes a header's bytes that are not
-        # UTF-8 into them, JSON escapes can make them): encoded as they come, they match no key.
-        return self._by_digest.get(hashlib.blake2s(secret.encode("utf-8", "surrogatepass")).digest())
+        return self._by_digest.get(_digest(secret))
 
     @property
     def browser_origins(self) -> Iterable[OriginPatterns]:
@@ -169,9 +168,7 @@ Presented = tuple[str, Literal["header", "query"]] | None
 def presented_secret(authorization: str | None, query_key: str | None) -> Presented:
     """The secret a request presents and where, or None. A malformed header counts as none."""
     if authorization:
-        if authorization.startswith("Bearer "):  # as nearly every client writes it: no parsing
-            value = authorization[7:].strip()
-            return (value, "header") if value else None
+        # Edge.admit reads the commonest spelling, "Bearer <secret>", itself before calling this.
         scheme, _, value = authorization.strip().partition(" ")
         scheme = scheme.lower()
         value = value.strip()
