@@ -209,7 +209,8 @@ class EmbeddedClickHouse:
         self._no_insert_waiting = asyncio.Event()
         self._no_insert_waiting.set()
 
-    async def _run(self, sql: str, output_format: str = "TabSeparated") -> str:
+    async def _run(self, sql: str | bytes, output_format: str = "TabSeparated") -> str:
+        # chDB's binding takes the statement as str or as UTF-8 bytes (pybind11's std::string).
         loop = asyncio.get_running_loop()
         result = await loop.run_in_executor(self._executor, self._session.query, sql, output_format)
         return str(result)
@@ -229,7 +230,9 @@ class EmbeddedClickHouse:
         self._inserts_waiting += 1
         self._no_insert_waiting.clear()
         try:
-            await self._run(f"{insert_query(database, table, settings)}\n{body.decode()}")
+            # Bytes, not text: a str of a batch of many megabytes would be three more copies of
+            # it on the event loop and the chDB thread (decode, concatenation, re-encode).
+            await self._run(f"{insert_query(database, table, settings)}\n".encode() + body)
         finally:
             self._inserts_waiting -= 1
             if not self._inserts_waiting:
