@@ -12,7 +12,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,12 +65,14 @@ class Splitter:
         take, by index in `body`; every other row is in ClickHouse. `maybe_landed`: an earlier
         attempt, before a crash, may have been stored."""
         rejected: list[RejectedRow] = []
-        await self._insert_part(body, count, list(range(count)), rejected, maybe_landed)
+        # A range, not a list: a batch is tens of thousands of rows, and their indices are only
+        # looked at when ClickHouse refuses some of them.
+        await self._insert_part(body, count, range(count), rejected, maybe_landed)
         rejected.sort(key=lambda entry: entry.index)
         return rejected
 
     async def _insert_part(
-        self, body: bytes, count: int, indices: list[int], rejected: list[RejectedRow], maybe_landed: bool = False
+        self, body: bytes, count: int, indices: Sequence[int], rejected: list[RejectedRow], maybe_landed: bool = False
     ) -> None:
         attempted = await self._inserter.insert(body, count, maybe_landed=maybe_landed)
         failure = attempted.failure
