@@ -428,11 +428,16 @@ def summary(run: Run, parts: Parts) -> list[list[str]]:
         value = ratio(embedded.landed_rate, alone.rate)
         events = embedded.phase.accepted_events or 1
         result = alone.result
+        chdb_us = embedded.other_threads_seconds * 1e6 / events
+        wrk_us = embedded.phase.cpu.wrk_seconds * 1e6 / events
+        alone_us = result['cpu_seconds'] * 1e6 / result['rows']
+        # What the target leaves the event loop: the core's time per event at the target rate,
+        # less what chDB and wrk took per event in (g).
+        budget_us = alone_us / TARGET_EMBEDDED_RATIO - chdb_us - wrk_us
         why = (
             f"one core for all: clickpulse's event loop {embedded.main_thread_seconds * 1e6 / events:.2f} us/event + "
-            f"its chDB threads {embedded.other_threads_seconds * 1e6 / events:.2f} + wrk "
-            f"{embedded.phase.cpu.wrk_seconds * 1e6 / events:.2f}, against chDB alone "
-            f"{result['cpu_seconds'] * 1e6 / result['rows']:.2f} us/row"
+            f"its chDB threads {chdb_us:.2f} + wrk {wrk_us:.2f}, against chDB alone {alone_us:.2f} us/row; "
+            f"{TARGET_EMBEDDED_RATIO:.2f}x would leave the event loop {budget_us:.2f} us/event"
         )
         alone_others = max(0.0, alone.shares.get("cpu0", 0.0) - result["cpu_seconds"] / result["seconds"])
         noise = noisy((f"of CPU {SERVICE_CPU} in (g)", embedded.phase.others_share),
