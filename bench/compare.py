@@ -15,8 +15,8 @@ load alone on CPU 0, wrk and ClickHouse on CPU 1. Every acknowledged event of bo
 a row at the end. With `--load embedded` there is no ClickHouse server: each service keeps its
 rows in chDB in a DATA_DIR of its own, and wrk shares CPU 0 with it, as in bench/embedded.py; the
 figure is the CPU of the whole process (event loop and chDB threads) per event, and the rows are
-counted with `python -m clickpulse query` once both have stopped. BASE is checked out with `git worktree` into the temp dir (its clickpulse/
-runs; the bench itself is this checkout's).
+counted with `python -m clickpulse query` once both have stopped. BASE is checked out with
+`git worktree` into the temp dir (its clickpulse/ runs; the bench itself is this checkout's).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from pathlib import Path
 
 from bodies import write_bodies
 from harness import (
-    LOAD_CPU, ROOT, SERVICE_CPU, Clickpulse, child_env, PhaseResult, print_table, run_wrk, start_clickpulse, wait_for_rows,
+    LOAD_CPU, ROOT, SERVICE_CPU, Clickpulse, PhaseResult, count_embedded_rows, print_table, run_wrk, start_clickpulse, wait_for_rows,
 )
 from tests.servers import find_clickhouse_server, start_clickhouse
 
@@ -49,7 +49,8 @@ def setting(text: str) -> tuple[str, str]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("base", help="A: the commit, branch or tag to compare with (HEAD with --b-setting)")
-    parser.add_argument("--load", choices=tuple(LOADS), default="single", help="single events, 1000-event batches, or batches into the embedded store")
+    parser.add_argument("--load", choices=tuple(LOADS), default="single", 
+                        help="single events, 1000-event batches, or batches into the embedded store")
     parser.add_argument("--rounds", type=int, default=6, help="interleaved rounds of A and B (default 6)")
     parser.add_argument("--seconds", type=float, default=8.0, help="seconds of load per phase (default 8)")
     parser.add_argument("--connections", type=int, help="wrk connections (default 64 single, 8 batch)")
@@ -66,17 +67,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def per_unit(result: PhaseResult, load: str) -> float:
     return result.cpu_us_per_request if load == "single" else result.cpu_us_per_event
-
-
-def embedded_rows(data_dir: Path) -> int:
-    """count() of a stopped embedded service's table, read by this checkout's `query` command."""
-    completed = subprocess.run(
-        ["taskset", "-c", LOAD_CPU, sys.executable, "-m", "clickpulse", "query", "--format", "TSV",
-         "SELECT count() FROM events"],
-        env=child_env(DATA_DIR=str(data_dir), LOG_LEVEL="WARNING"), cwd=ROOT, capture_output=True, text=True,
-        timeout=120,
-    )
-    return int(completed.stdout.strip()) if completed.returncode == 0 else -1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,9 +91,10 @@ def main(argv: list[str] | None = None) -> int:
                        check=True)
         commit = subprocess.run(["git", "-C", str(base_tree), "rev-parse", "--short", "HEAD"],
                                 check=True, capture_output=True, text=True).stdout.strip()
+        data_dirs = {letter: workdir / f"{letter}-data" for letter in "AB"}
+        stores = {letter: {"DATA_DIR": str(path)} if embedded else {} for letter, path in data_dirs.items()}
         if clickhouse_command is not None and not embedded:
             server = start_clickhouse(workdir / "clickhouse", ["taskset", "-c", LOAD_CPU, *clickhouse_command])
-        stores = {letter: {"DATA_DIR": str(workdir / f"{letter}-data")} if embedded else {} for letter in "AB"}
         a = start_clickpulse(f"A ({args.base}, {commit})", server, workdir, "a.log", root=base_tree,
                              **settings, **stores["A"])
         b = start_clickpulse("B (this checkout)", server, workdir, "b.log",
@@ -147,7 +138,10 @@ def main(argv: list[str] | None = None) -> int:
             if server is not None:
                 rows = wait_for_rows(server, service.database, acknowledged[letter], 30.0)
             else:
-                rows = embedded_rows(workdir / f"{letter}-data")
+                counted, error = count_embedded_rows(data_dirs[letter])
+                rows = -1 if counted is None else counted
+                if error:
+                    anomalies.append(f"{service.label}: `python -m clickpulse query` failed: {error}")
             print(f"rows vs acknowledged events, {service.label}: {rows:,} vs {acknowledged[letter]:,}")
             if rows != acknowledged[letter] or service.exit_status != 0:
                 rows_ok = False

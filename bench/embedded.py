@@ -6,15 +6,14 @@ embedded process's RSS sits, from /proc/PID/smaps."""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 
 from harness import (
     ROWS_WRITTEN,
-    BENCH, CLOCK_TICKS, LOAD_CPU, ROOT, SERVICE_CPU, CpuSampler, PhaseResult, RowPoller, child_env, http_request, metric_value,
-    ratio, run_json_child, run_wrk, start_clickpulse, status_kib, thread_ticks,
+    BENCH, CLOCK_TICKS, SERVICE_CPU, CpuSampler, PhaseResult, RowPoller, http_request, metric_value,
+    ratio, count_embedded_rows, run_json_child, run_wrk, start_clickpulse, status_kib, thread_ticks,
 )
 from phases import BASELINE_ROWS_PER_INSERT, CLICKPULSE_ROWS_PER_INSERT, Run, StoreAlone
 
@@ -90,15 +89,10 @@ class Embedded:
 
 
 def count_after_exit(run: Run, data_dir) -> int | None:
-    completed = subprocess.run(
-        ["taskset", "-c", LOAD_CPU, sys.executable, "-m", "clickpulse", "query", "--format", "TSV",
-         "SELECT count() FROM events"],
-        env=child_env(DATA_DIR=str(data_dir), LOG_LEVEL="WARNING"), cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )
-    if completed.returncode != 0:
-        run.anomalies.append(f"`python -m clickpulse query` after the embedded run failed: {completed.stderr.strip()}")
-        return None
-    return int(completed.stdout.strip())
+    count, error = count_embedded_rows(data_dir)
+    if count is None:
+        run.anomalies.append(f"`python -m clickpulse query` after the embedded run failed: {error}")
+    return count
 
 
 def chdb_alone(run: Run, label: str, rows_per_insert: int = BASELINE_ROWS_PER_INSERT) -> StoreAlone:

@@ -481,6 +481,20 @@ def count_rows(server: ClickHouseServer, database: str, table: str = TABLE) -> i
     return int(server.query(f"SELECT count() FROM {database}.{table}").strip())
 
 
+def count_embedded_rows(data_dir: Path, timeout: float = 120.0) -> tuple[int | None, str]:
+    """count() of a stopped embedded service's table, read with this checkout's `query` command
+    on the load CPU: the count, or None and the command's stderr."""
+    completed = subprocess.run(
+        ["taskset", "-c", LOAD_CPU, sys.executable, "-m", "clickpulse", "query", "--format", "TSV",
+         "SELECT count() FROM events"],
+        env=child_env(DATA_DIR=str(data_dir), LOG_LEVEL="WARNING"), cwd=ROOT, capture_output=True, text=True,
+        timeout=timeout,
+    )
+    if completed.returncode != 0:
+        return None, completed.stderr.strip()
+    return int(completed.stdout.strip()), ""
+
+
 def wait_for_rows(server: ClickHouseServer, database: str, expected: int, timeout: float) -> int:
     """Polls count() until it reaches `expected` or `timeout` seconds pass; returns the last count."""
     deadline = time.monotonic() + timeout
